@@ -1,11 +1,14 @@
 """torchquant: quantization for PyTorch.
 
-Fake-quantize custom ops in C++ and CUDA (``torchquant.ops``), registered as
-``torch.ops.torchquant.*``, and the ``torchquant.nn.FakeQuantize`` module.
+* ``torchquant.ops``: fake-quantize custom ops in C++ and CUDA, registered as
+  ``torch.ops.torchquant.*`` (eager, autograd, ``torch.compile``, LibTorch);
+* ``torchquant.QuantSpec``: one description of how a tensor is quantized;
+* ``torchquant.nn.FakeQuantize``: observe a range, then fake-quantize.
 """
 from torchquant import _C  # noqa: F401  (loads the library that registers the ops)
-from torchquant import ops
-from torchquant.ops import fake_quantize
+from torchquant import nn, ops
+from torchquant.ops import fake_quantize, quant_range
+from torchquant.spec import QuantSpec
 
-__all__ = ["ops", "fake_quantize"]
+__all__ = ["QuantSpec", "fake_quantize", "nn", "ops", "quant_range"]
 __version__ = "0.1.0"

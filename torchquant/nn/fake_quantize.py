@@ -1,0 +1,216 @@
+"""FakeQuantize: observe a tensor's range, then fake-quantize it with the C++ op."""
+from __future__ import annotations
+
+import math
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from torchquant import ops
+from torchquant.spec import QuantSpec
+
+__all__ = ["FakeQuantize", "observed_range", "qparams_from_range"]
+
+
+def observed_range(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
+    """Min and max of ``x`` for each grid of ``spec`` (float32, the shape of the scale)."""
+    x = x.detach().float()
+    if spec.granularity == "tensor":
+        lo, hi = torch.aminmax(x)
+        return lo.reshape(1), hi.reshape(1)
+    if spec.granularity == "channel":
+        if not -x.dim() <= spec.axis < x.dim():
+            raise ValueError(f"QuantSpec.axis={spec.axis} is out of range for an input with {x.dim()} dimensions")
+        flat = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+        return torch.aminmax(flat, dim=1)
+    g = spec.group_size
+    if x.dim() == 0 or x.shape[-1] % g != 0:
+        raise ValueError(
+            f"QuantSpec.group_size={g} must divide the last dimension of the input, got shape {tuple(x.shape)}"
+        )
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
+    return torch.aminmax(grouped, dim=-1)
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec, eps: float) -> Tuple[Tensor, Tensor]:
+    """Scale and zero-point covering ``[lo, hi]`` (widened to include 0, so 0 is exact).
+
+    Symmetric: ``scale = max(|lo|, |hi|) / ((qmax - qmin) / 2)``, zero-point 0,
+    as PyTorch's observers do. Asymmetric: ``scale = (hi - lo) / (qmax - qmin)``
+    and the zero-point that maps ``lo`` to ``qmin``.
+    """
+    qmin, qmax = spec.quant_range
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        scale = torch.clamp(scale, min=eps)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+class FakeQuantize(nn.Module):
+    """Fake-quantizes its input with a grid described by a :class:`QuantSpec`.
+
+    While observing (training mode and ``enable_observer(True)``, the default),
+    each batch updates the observed min/max and the grid is recomputed from it.
+    With ``spec.learnable`` the grid is initialised from the first batch and
+    then trained: ``scale`` (and, for asymmetric grids, ``zero_point``) are
+    ``nn.Parameter``s receiving LSQ / LSQ+ gradients scaled by ``grad_factor``
+    (``"lsq"``: ``1 / sqrt(elements_per_grid * quant_max)``). ``eval()``
+    freezes the observer.
+
+    Create optimizers after the first forward (or after loading a state
+    dict): the first batch gives the parameters their per-channel shape.
+    """
+
+    def __init__(self, spec: QuantSpec = QuantSpec(), grad_factor: Union[str, float] = "lsq",
+                 eps: float = torch.finfo(torch.float32).eps) -> None:
+        super().__init__()
+        if not (grad_factor == "lsq" or (isinstance(grad_factor, (int, float)) and grad_factor > 0)):
+            raise ValueError(f"grad_factor must be 'lsq' or a positive number, got {grad_factor!r}")
+        self.spec = spec
+        self.grad_factor = grad_factor
+        self.eps = eps
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+        scale = torch.ones(1)
+        zero_point = torch.zeros(1)
+        if spec.learnable:
+            self.scale = nn.Parameter(scale)
+            if spec.symmetric:
+                self.register_buffer("zero_point", zero_point)
+            else:
+                self.zero_point = nn.Parameter(zero_point)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
+
+    # ---- switches -------------------------------------------------------------
+    def enable_observer(self, enabled: bool = True) -> "FakeQuantize":
+        self.observer_enabled = bool(enabled)
+        return self
+
+    def disable_observer(self) -> "FakeQuantize":
+        return self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> "FakeQuantize":
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+    def disable_fake_quant(self) -> "FakeQuantize":
+        return self.enable_fake_quant(False)
+
+    @property
+    def quant_min(self) -> int:
+        return self.spec.quant_min
+
+    @property
+    def quant_max(self) -> int:
+        return self.spec.quant_max
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.min_val.numel() > 0
+
+    # ---- calibration ------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold ``x`` into the observed range and recompute the grid."""
+        lo, hi = observed_range(x, self.spec)
+        if not torch.isfinite(lo).all() or not torch.isfinite(hi).all():
+            raise ValueError("FakeQuantize.observe: the input contains NaN or Inf; cannot calibrate a grid on it")
+        first = not self.is_calibrated or self.min_val.shape != lo.shape
+        if first:
+            self.min_val = lo.clone()
+            self.max_val = hi.clone()
+        elif self.spec.observer == "moving_average_minmax":
+            c = self.spec.averaging_constant
+            self.min_val.add_(c * (lo - self.min_val))
+            self.max_val.add_(c * (hi - self.max_val))
+        else:
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
+        if first or not self.spec.learnable:
+            self._set_qparams(*qparams_from_range(self.min_val, self.max_val, self.spec, self.eps))
+        if self.spec.learnable:
+            # LSQ: the observer only initialises the grid; training moves it.
+            self.observer_enabled = False
+
+    def _set_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
+        # Assigning .data keeps the Parameter objects (and any optimizer
+        # holding them) while giving them their per-channel shape.
+        self.scale.data = scale.to(self.scale.device, torch.float32)
+        self.zero_point.data = zero_point.to(self.zero_point.device, torch.float32)
+
+    def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
+        """The grid in use: positive scale and integer zero-point, detached."""
+        if not self.is_calibrated:
+            raise RuntimeError("FakeQuantize has not observed any data yet; run calibration batches first")
+        scale, zero_point = self._effective_qparams()
+        return scale.detach().clone(), zero_point.detach().round()
+
+    def _effective_qparams(self) -> Tuple[Tensor, Tensor]:
+        scale, zero_point = self.scale, self.zero_point
+        if self.spec.learnable:
+            # Keep a trained grid valid without touching the parameters in place
+            # (which would break graph capture): |s| clamped to eps, the
+            # zero-point clamped to the code range; both differentiable.
+            scale = scale.abs().clamp_min(self.eps)
+            if isinstance(zero_point, nn.Parameter):
+                zero_point = zero_point.clamp(self.quant_min, self.quant_max)
+        return scale, zero_point
+
+    def _grad_factor(self, x: Tensor) -> float:
+        if self.grad_factor != "lsq":
+            return float(self.grad_factor)
+        per_grid = max(1, x.numel() // max(1, self.scale.numel()))
+        return 1.0 / math.sqrt(per_grid * self.quant_max)
+
+    # ---- forward ----------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.observer_enabled:
+            self.observe(x)
+        if not self.fake_quant_enabled:
+            return x
+        if not self.is_calibrated:
+            raise RuntimeError(
+                "FakeQuantize: no grid yet. Run at least one batch in training mode with the observer enabled "
+                "(or load a calibrated state dict) before fake-quantizing."
+            )
+        scale, zero_point = self._effective_qparams()
+        spec = self.spec
+        return ops.fake_quantize(
+            x, scale, zero_point, spec.quant_min, spec.quant_max,
+            axis=spec.axis if spec.granularity == "channel" else None,
+            group_size=spec.group_size if spec.granularity == "group" else None,
+            grad_factor=self._grad_factor(x),
+        )
+
+    # ---- state dict: buffers/parameters take the shapes they were saved with --
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("min_val", "max_val", "scale", "zero_point"):
+            key = prefix + name
+            current = getattr(self, name)
+            if key in state_dict and state_dict[key].shape != current.shape:
+                current.data = torch.empty_like(state_dict[key], device=current.device, dtype=current.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.spec.learnable and self.is_calibrated:
+            self.observer_enabled = False
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        grid = {"tensor": "per-tensor", "channel": f"per-channel(axis={s.axis})",
+                "group": f"per-group(group_size={s.group_size})"}[s.granularity]
+        kind = "symmetric" if s.symmetric else "asymmetric"
+        return (f"bits={s.bits}, {kind}, {grid}, range=[{self.quant_min}, {self.quant_max}], "
+                f"learnable={s.learnable}, observer={s.observer}, "
+                f"observer_enabled={self.observer_enabled}, fake_quant_enabled={self.fake_quant_enabled}")
