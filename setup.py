@@ -66,7 +66,10 @@ class BuildWithIsaKernels(BuildExtension):
 
 def extension():
     with_cuda = build_with_cuda()
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # ATen's parallel_for is an inline OpenMP region (torch is built with
+    # AT_PARALLEL_OPENMP): without -fopenmp it silently runs on one thread.
+    # The OpenMP runtime resolves to the libgomp that torch already loaded.
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
     macros = []
     if IS_X86:
         macros.append(("TORCHQUANT_HAVE_AVX2_KERNELS", None))
@@ -76,6 +79,7 @@ def extension():
         include_dirs=[os.path.join(ROOT, CSRC), os.path.join(ROOT, CSRC, "include")],
         define_macros=macros,
         depends=sorted(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True)),
+        extra_link_args=["-fopenmp"],
     )
     if with_cuda:
         macros.append(("TORCHQUANT_WITH_CUDA", None))
