@@ -41,27 +41,11 @@ void check_range(const char* op, int64_t quant_min, int64_t quant_max) {
       ", ", quant_max, "] with ", levels, " levels");
 }
 
-void check_qparam_tensor(const char* op, const char* name, const at::Tensor& t,
-                         const at::Tensor& input, at::IntArrayRef expected_shape,
-                         const char* granularity) {
-  TORCH_CHECK_VALUE(
-      t.device() == input.device(), op, ": ", name, " must be on the same device as input (",
-      input.device(), "), got ", t.device());
-  TORCH_CHECK_VALUE(
-      t.sizes() == expected_shape || (t.numel() == 1 && expected_shape.size() <= 1 &&
-                                      c10::multiply_integers(expected_shape) == 1),
-      op, ": for ", granularity, " quantization of an input of shape ", shape_str(input.sizes()),
-      ", ", name, " must have shape ", shape_str(expected_shape), ", got ",
-      shape_str(t.sizes()));
-}
-
 }  // namespace
 
-FakeQuantArgs prepare_fake_quant_args(
+GridShape check_grid_args(
     const char* op,
     const at::Tensor& input,
-    const at::Tensor& scale,
-    const at::Tensor& zero_point,
     int64_t quant_min,
     int64_t quant_max,
     std::optional<int64_t> axis,
@@ -69,21 +53,12 @@ FakeQuantArgs prepare_fake_quant_args(
   TORCH_CHECK_TYPE(
       is_supported_input_dtype(input.scalar_type()), op,
       ": input must be float32, float16 or bfloat16, got ", input.scalar_type());
-  TORCH_CHECK_TYPE(
-      scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ",
-      scale.scalar_type());
-  TORCH_CHECK_TYPE(
-      zero_point.scalar_type() == at::kFloat || zero_point.scalar_type() == at::kInt ||
-          zero_point.scalar_type() == at::kLong,
-      op, ": zero_point must be float32, int32 or int64, got ", zero_point.scalar_type());
   check_range(op, quant_min, quant_max);
 
-  FakeQuantArgs args;
+  GridShape grid;
   const int64_t dim = input.dim();
-  std::vector<int64_t> qparam_shape;
-  const char* granularity = "per-tensor";
   if (group_size.has_value()) {
-    granularity = "per-group";
+    grid.granularity = "per-group";
     const int64_t g = *group_size;
     TORCH_CHECK_VALUE(g > 0, op, ": group_size must be positive, got ", g);
     TORCH_CHECK_VALUE(dim >= 1, op, ": per-group quantization needs an input with at least one dimension");
@@ -95,11 +70,11 @@ FakeQuantArgs prepare_fake_quant_args(
     TORCH_CHECK_VALUE(
         last % g == 0, op, ": group_size (", g, ") must divide the last dimension of input (",
         last, ")");
-    qparam_shape = input.sizes().vec();
-    qparam_shape.back() = last / g;
-    args.layout = ChannelLayout{1, input.numel() / g, g};
+    grid.per_grid_shape = input.sizes().vec();
+    grid.per_grid_shape.back() = last / g;
+    grid.layout = ChannelLayout{1, input.numel() / g, g};
   } else if (axis.has_value()) {
-    granularity = "per-channel";
+    grid.granularity = "per-channel";
     TORCH_CHECK_VALUE(dim >= 1, op, ": per-channel quantization needs an input with at least one dimension");
     const int64_t a = *axis;
     TORCH_CHECK_VALUE(
@@ -107,17 +82,53 @@ FakeQuantArgs prepare_fake_quant_args(
         "] for an input with ", dim, " dimensions, got ", a);
     const int64_t ax = a < 0 ? a + dim : a;
     const auto sizes = input.sizes();
-    args.layout = ChannelLayout{
+    grid.layout = ChannelLayout{
         c10::multiply_integers(sizes.begin(), sizes.begin() + ax), sizes[ax],
         c10::multiply_integers(sizes.begin() + ax + 1, sizes.end())};
-    qparam_shape = {sizes[ax]};
+    grid.per_grid_shape = {sizes[ax]};
   } else {
-    qparam_shape = {1};
-    args.layout = ChannelLayout{1, 1, input.numel()};
+    grid.per_grid_shape = {1};
+    grid.layout = ChannelLayout{1, 1, input.numel()};
   }
-  check_qparam_tensor(op, "scale", scale, input, qparam_shape, granularity);
-  check_qparam_tensor(op, "zero_point", zero_point, input, qparam_shape, granularity);
+  return grid;
+}
 
+void check_per_grid_tensor(const char* op, const char* name, const at::Tensor& t,
+                           const at::Tensor& input, const GridShape& grid) {
+  TORCH_CHECK_VALUE(
+      t.device() == input.device(), op, ": ", name, " must be on the same device as input (",
+      input.device(), "), got ", t.device());
+  const at::IntArrayRef expected(grid.per_grid_shape);
+  // A per-tensor grid may be given as a 0-d or a 1-element tensor.
+  const bool single = t.numel() == 1 && c10::multiply_integers(expected) == 1 && expected.size() <= 1;
+  TORCH_CHECK_VALUE(
+      t.sizes() == expected || single, op, ": for ", grid.granularity,
+      " quantization of an input of shape ", shape_str(input.sizes()), ", ", name,
+      " must have shape ", shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+FakeQuantArgs prepare_fake_quant_args(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& scale,
+    const at::Tensor& zero_point,
+    int64_t quant_min,
+    int64_t quant_max,
+    std::optional<int64_t> axis,
+    std::optional<int64_t> group_size) {
+  const GridShape grid = check_grid_args(op, input, quant_min, quant_max, axis, group_size);
+  TORCH_CHECK_TYPE(
+      scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ",
+      scale.scalar_type());
+  TORCH_CHECK_TYPE(
+      zero_point.scalar_type() == at::kFloat || zero_point.scalar_type() == at::kInt ||
+          zero_point.scalar_type() == at::kLong,
+      op, ": zero_point must be float32, int32 or int64, got ", zero_point.scalar_type());
+  check_per_grid_tensor(op, "scale", scale, input, grid);
+  check_per_grid_tensor(op, "zero_point", zero_point, input, grid);
+
+  FakeQuantArgs args;
+  args.layout = grid.layout;
   args.input = input.contiguous();
   args.scale = scale.contiguous().view({-1});
   // Round half to even, like torch.round and the forward of PyTorch's own

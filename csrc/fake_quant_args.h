@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace torchquant {
 
@@ -30,6 +31,31 @@ struct FakeQuantArgs {
   float quant_min = 0.0f;
   float quant_max = 0.0f;
 };
+
+// The granularity of a call: how the input maps onto grids, and the shape
+// every per-grid tensor (scale, zero_point, min_val, ...) must have.
+struct GridShape {
+  ChannelLayout layout;
+  std::vector<int64_t> per_grid_shape;
+  const char* granularity = "per-tensor";
+};
+
+// Checks the input dtype, the code range and the granularity arguments.
+GridShape check_grid_args(
+    const char* op_name,
+    const at::Tensor& input,
+    int64_t quant_min,
+    int64_t quant_max,
+    std::optional<int64_t> axis,
+    std::optional<int64_t> group_size);
+
+// Checks that a per-grid tensor `name` has the device and shape `grid` needs.
+void check_per_grid_tensor(
+    const char* op_name,
+    const char* name,
+    const at::Tensor& t,
+    const at::Tensor& input,
+    const GridShape& grid);
 
 // Checks every argument (dtype, device, shapes, range) and raises a
 // TypeError / ValueError naming the argument and what was expected. Value

@@ -26,4 +26,11 @@ TORCH_LIBRARY(torchquant, m) {
       "fake_quantize_learnable_backward(Tensor grad_output, Tensor input, Tensor scale, "
       "Tensor zero_point, int quant_min, int quant_max, int? axis=None, "
       "int? group_size=None, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
+  // Calibration: the scale / zero-point of each grid that minimise
+  // sum |fake_quantize(x) - x|^norm over the shrunk ranges
+  // [s * min_val, s * max_val], s = 1 - k * max_shrink / steps, k < steps.
+  m.def(
+      "mse_clip_search(Tensor input, Tensor min_val, Tensor max_val, int quant_min, "
+      "int quant_max, bool symmetric, int? axis=None, int? group_size=None, int steps=100, "
+      "float max_shrink=0.8, float norm=2.0) -> (Tensor, Tensor)");
 }

@@ -107,6 +107,29 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE LearnableGrads<T> learnable_grads(
   return out;
 }
 
+// The grid covering [lo, hi] (widened to include 0 so that 0 is exact):
+// symmetric grids put zero at code 0 and scale by max(|lo|, |hi|) over half
+// the code span; asymmetric grids map lo to qmin. The same formulas as
+// torchquant.nn.fake_quantize.qparams_from_range, so a searched grid and an
+// observed one agree bit for bit.
+C10_HOST_DEVICE C10_ALWAYS_INLINE void grid_from_range(
+    float lo, float hi, float qmin, float qmax, bool symmetric, float eps,
+    float* scale, float* zero) {
+  lo = lo < 0.0f ? lo : 0.0f;
+  hi = hi > 0.0f ? hi : 0.0f;
+  if (symmetric) {
+    const float amax = -lo > hi ? -lo : hi;
+    const float s = amax / ((qmax - qmin) / 2.0f);
+    *scale = s > eps ? s : eps;
+    *zero = 0.0f;
+  } else {
+    const float s = (hi - lo) / (qmax - qmin);
+    *scale = s > eps ? s : eps;
+    const float z = qmin - qm_round(lo / *scale);
+    *zero = qm_min(qm_max(z, qmin), qmax);
+  }
+}
+
 // A scale is usable when it is positive and finite; the zero-point must be an
 // integer (after rounding) inside [qmin, qmax]. Kernels that cannot raise an
 // error (CUDA) use this to poison the output with NaN instead.

@@ -17,6 +17,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_backward",
     "fake_quantize_learnable_backward",
+    "mse_clip_search",
     "quant_range",
 ]
 
@@ -118,6 +119,36 @@ def fake_quantize_learnable_backward(
     )
 
 
+def mse_clip_search(
+    input: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    axis: Optional[int] = None,
+    group_size: Optional[int] = None,
+    steps: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.0,
+) -> Tuple[Tensor, Tensor]:
+    """The grid of each tensor / channel / group that best reconstructs ``input``.
+
+    Tries the ranges ``[f * min_val, f * max_val]`` for shrink factors
+    ``f = 1 - k * max_shrink / steps`` (``k = 0 .. steps-1``), builds each
+    one's grid as the min/max observers do (symmetric or asymmetric, widened
+    to contain 0), and keeps, per grid, the one minimising
+    ``sum |fake_quantize(input) - input| ** norm``. Ties keep the wider range.
+
+    ``min_val`` / ``max_val`` are float32 and shaped like the scale of the
+    granularity (see :func:`fake_quantize`). Returns ``(scale, zero_point)``
+    of that shape, ready for :func:`fake_quantize`.
+    """
+    return _OPS.mse_clip_search(
+        input, min_val, max_val, quant_min, quant_max, symmetric, axis, group_size, steps, max_shrink, norm
+    )
+
+
 # ---------------------------------------------------------------------------
 # Fake kernels: output metadata only. They repeat the checks a shape alone can
 # decide, so a bad call fails at trace time with the same message as eager.
@@ -164,3 +195,10 @@ def _fake_quantize_learnable_backward_fake(grad_output, input, scale, zero_point
         scale.new_empty(scale.shape, dtype=torch.float32),
         zero_point.new_empty(zero_point.shape, dtype=torch.float32),
     )
+
+
+@torch.library.register_fake("torchquant::mse_clip_search")
+def _mse_clip_search_fake(input, min_val, max_val, quant_min, quant_max, symmetric, axis=None, group_size=None,
+                          steps=100, max_shrink=0.8, norm=2.0):
+    _check_meta("torchquant.mse_clip_search", input, min_val, max_val, quant_min, quant_max, axis, group_size)
+    return min_val.new_empty(min_val.shape), min_val.new_empty(min_val.shape)

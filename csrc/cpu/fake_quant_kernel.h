@@ -1,9 +1,11 @@
-// CPU element kernels of the fake-quantize ops. The implementation
-// (fake_quant_kernel_impl.h) is compiled once per instruction set and the
+// CPU kernels, declared once per instruction set. Each implementation
+// (fake_quant_kernel_impl.h, clip_search_kernel_impl.h) is compiled once per
+// instruction set and the
 // widest one the running CPU supports is chosen at run time, so a wheel built
 // with AVX2 kernels still runs on a CPU without AVX2.
 #pragma once
 
+#include "../clip_search.h"
 #include "../fake_quant_ops.h"
 
 namespace torchquant::cpu {
@@ -15,6 +17,8 @@ namespace torchquant::cpu {
                     at::Tensor& grad_input);                                           \
   at::Tensor learnable_backward(const FakeQuantArgs& args, const at::Tensor& grad_output, \
                                 at::Tensor& grad_input);                               \
+  void clip_search(const ClipSearchArgs& args, at::Tensor& err, at::Tensor& scale,           \
+                   at::Tensor& zero);                                                      \
   }
 
 TORCHQUANT_DECLARE_CPU_KERNELS(DEFAULT)
@@ -27,7 +31,7 @@ TORCHQUANT_DECLARE_CPU_KERNELS(AVX2)
 // The kernel table for the best instruction set of this CPU.
 const FakeQuantKernels& cpu_kernels();
 
-// Name of the instruction set cpu_kernels() picked ("AVX2" or "DEFAULT").
-const char* cpu_kernel_isa();
+// The clip-search kernel for the best instruction set of this CPU.
+ClipSearchKernel cpu_clip_search_kernel();
 
 }  // namespace torchquant::cpu

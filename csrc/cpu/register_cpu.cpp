@@ -33,7 +33,13 @@ const FakeQuantKernels& cpu_kernels() {
   return baseline;
 }
 
-const char* cpu_kernel_isa() { return cpu_has_avx2() ? "AVX2" : "DEFAULT"; }
+ClipSearchKernel cpu_clip_search_kernel() {
+#if defined(TORCHQUANT_HAVE_AVX2_KERNELS)
+  static const bool use_avx2 = cpu_has_avx2();
+  if (use_avx2) return &AVX2::clip_search;
+#endif
+  return &DEFAULT::clip_search;
+}
 
 namespace {
 
@@ -63,12 +69,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_
                                                grad_factor);
 }
 
+std::tuple<at::Tensor, at::Tensor> mse_clip_search_cpu(
+    const at::Tensor& input, const at::Tensor& min_val, const at::Tensor& max_val,
+    int64_t quant_min, int64_t quant_max, bool symmetric, std::optional<int64_t> axis,
+    std::optional<int64_t> group_size, int64_t steps, double max_shrink, double norm) {
+  return mse_clip_search_with(cpu_clip_search_kernel(), input, min_val, max_val, quant_min,
+                              quant_max, symmetric, axis, group_size, steps, max_shrink, norm);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
   m.impl("fake_quantize", &fake_quantize_cpu);
   m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
   m.impl("fake_quantize_learnable_backward", &fake_quantize_learnable_backward_cpu);
+  m.impl("mse_clip_search", &mse_clip_search_cpu);
 }
 
 }  // namespace torchquant::cpu
