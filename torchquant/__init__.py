@@ -5,6 +5,8 @@
 * ``torchquant.QuantSpec``: one description of how a tensor is quantized;
 * ``torchquant.nn.FakeQuantize``: observe a range, then fake-quantize.
 """
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 from torchquant import _C  # noqa: F401  (loads the library that registers the ops)
 from torchquant import nn, ops
 from torchquant.ops import fake_quantize, quant_range

@@ -53,6 +53,11 @@ def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec, eps: float) -> T
     return scale, zero_point
 
 
+def _straight_through(x: Tensor, value: Tensor) -> Tensor:
+    """``value`` in the forward, the gradient of ``x`` in the backward."""
+    return x + (value - x).detach()
+
+
 class FakeQuantize(nn.Module):
     """Fake-quantizes its input with a grid described by a :class:`QuantSpec`.
 
@@ -160,11 +165,13 @@ class FakeQuantize(nn.Module):
         scale, zero_point = self.scale, self.zero_point
         if self.spec.learnable:
             # Keep a trained grid valid without touching the parameters in place
-            # (which would break graph capture): |s| clamped to eps, the
-            # zero-point clamped to the code range; both differentiable.
-            scale = scale.abs().clamp_min(self.eps)
+            # (which would break graph capture): |s| at least eps, the
+            # zero-point inside the code range. The clamps pass gradients
+            # straight through, so a parameter that drifted past a bound is
+            # still pulled back by its gradient instead of freezing there.
+            scale = _straight_through(scale.abs(), scale.abs().clamp_min(self.eps))
             if isinstance(zero_point, nn.Parameter):
-                zero_point = zero_point.clamp(self.quant_min, self.quant_max)
+                zero_point = _straight_through(zero_point, zero_point.clamp(self.quant_min, self.quant_max))
         return scale, zero_point
 
     def _grad_factor(self, x: Tensor) -> float:
