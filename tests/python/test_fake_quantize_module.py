@@ -263,10 +263,12 @@ def test_frozen_observer_keeps_grid(freeze, learnable):
 
 def test_learnable_grid_is_initialised_once_then_left_to_training():
     fq = calibrated(QuantSpec(bits=4, learnable=True), torch.randn(64))
-    assert not fq.observer_enabled
+    assert fq.is_calibrated
+    min_val = fq.min_val.clone()
     scale = fq.scale.detach().clone()
     fq(10 * torch.randn(64))
     assert_identical(fq.scale.detach(), scale)
+    assert_identical(fq.min_val, min_val)  # the observer saw nothing more
 
 
 def test_forward_before_calibration_in_eval_raises():

@@ -8,49 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from torchquant import ops
+from torchquant.observers import Observer, make_observer, qparams_from_range
 from torchquant.spec import QuantSpec
 
-__all__ = ["FakeQuantize", "observed_range", "qparams_from_range"]
-
-
-def observed_range(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
-    """Min and max of ``x`` for each grid of ``spec`` (float32, the shape of the scale)."""
-    x = x.detach().float()
-    if spec.granularity == "tensor":
-        lo, hi = torch.aminmax(x)
-        return lo.reshape(1), hi.reshape(1)
-    if spec.granularity == "channel":
-        if not -x.dim() <= spec.axis < x.dim():
-            raise ValueError(f"QuantSpec.axis={spec.axis} is out of range for an input with {x.dim()} dimensions")
-        flat = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
-        return torch.aminmax(flat, dim=1)
-    g = spec.group_size
-    if x.dim() == 0 or x.shape[-1] % g != 0:
-        raise ValueError(
-            f"QuantSpec.group_size={g} must divide the last dimension of the input, got shape {tuple(x.shape)}"
-        )
-    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // g, g)
-    return torch.aminmax(grouped, dim=-1)
-
-
-def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec, eps: float) -> Tuple[Tensor, Tensor]:
-    """Scale and zero-point covering ``[lo, hi]`` (widened to include 0, so 0 is exact).
-
-    Symmetric: ``scale = max(|lo|, |hi|) / ((qmax - qmin) / 2)``, zero-point 0,
-    as PyTorch's observers do. Asymmetric: ``scale = (hi - lo) / (qmax - qmin)``
-    and the zero-point that maps ``lo`` to ``qmin``.
-    """
-    qmin, qmax = spec.quant_range
-    lo = torch.clamp(lo, max=0.0)
-    hi = torch.clamp(hi, min=0.0)
-    if spec.symmetric:
-        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
-        scale = torch.clamp(scale, min=eps)
-        zero_point = torch.zeros_like(scale)
-    else:
-        scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
-        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-    return scale, zero_point
+__all__ = ["FakeQuantize", "qparams_from_range"]
 
 
 def _straight_through(x: Tensor, value: Tensor) -> Tensor:
@@ -62,7 +23,8 @@ class FakeQuantize(nn.Module):
     """Fake-quantizes its input with a grid described by a :class:`QuantSpec`.
 
     While observing (training mode and ``enable_observer(True)``, the default),
-    each batch updates the observed min/max and the grid is recomputed from it.
+    each batch goes through the observer ``spec.observer`` names (see
+    :mod:`torchquant.observers`) and the grid is recomputed from it.
     With ``spec.learnable`` the grid is initialised from the first batch and
     then trained: ``scale`` (and, for asymmetric grids, ``zero_point``) are
     ``nn.Parameter``s receiving LSQ / LSQ+ gradients scaled by ``grad_factor``
@@ -83,8 +45,7 @@ class FakeQuantize(nn.Module):
         self.eps = eps
         self.observer_enabled = True
         self.fake_quant_enabled = True
-        self.register_buffer("min_val", torch.empty(0))
-        self.register_buffer("max_val", torch.empty(0))
+        self.observer: Observer = make_observer(spec)
         scale = torch.ones(1)
         zero_point = torch.zeros(1)
         if spec.learnable:
@@ -122,37 +83,36 @@ class FakeQuantize(nn.Module):
 
     @property
     def is_calibrated(self) -> bool:
-        return self.min_val.numel() > 0
+        return self.observer.is_calibrated
+
+    @property
+    def min_val(self) -> Tensor:
+        return self.observer.min_val
+
+    @property
+    def max_val(self) -> Tensor:
+        return self.observer.max_val
 
     # ---- calibration ------------------------------------------------------------
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        """Fold ``x`` into the observed range and recompute the grid."""
-        lo, hi = observed_range(x, self.spec)
-        if not torch.isfinite(lo).all() or not torch.isfinite(hi).all():
-            raise ValueError("FakeQuantize.observe: the input contains NaN or Inf; cannot calibrate a grid on it")
-        first = not self.is_calibrated or self.min_val.shape != lo.shape
-        if first:
-            self.min_val = lo.clone()
-            self.max_val = hi.clone()
-        elif self.spec.observer == "moving_average_minmax":
-            c = self.spec.averaging_constant
-            self.min_val.add_(c * (lo - self.min_val))
-            self.max_val.add_(c * (hi - self.max_val))
-        else:
-            torch.minimum(self.min_val, lo, out=self.min_val)
-            torch.maximum(self.max_val, hi, out=self.max_val)
+        """Feed ``x`` to the observer and recompute the grid from it."""
+        first = not self.is_calibrated
+        self.observer(x)
         if first or not self.spec.learnable:
-            self._set_qparams(*qparams_from_range(self.min_val, self.max_val, self.spec, self.eps))
-        if self.spec.learnable:
-            # LSQ: the observer only initialises the grid; training moves it.
-            self.observer_enabled = False
+            self._set_qparams(*self.observer.calculate_qparams())
 
     def _set_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
-        # Assigning .data keeps the Parameter objects (and any optimizer
-        # holding them) while giving them their per-channel shape.
-        self.scale.data = scale.to(self.scale.device, torch.float32)
-        self.zero_point.data = zero_point.to(self.zero_point.device, torch.float32)
+        scale = scale.to(self.scale.device, torch.float32)
+        zero_point = zero_point.to(self.zero_point.device, torch.float32)
+        if self.scale.shape == scale.shape:
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        else:
+            # Assigning .data keeps the Parameter objects (and any optimizer
+            # holding them) while giving them their per-channel shape.
+            self.scale.data = scale
+            self.zero_point.data = zero_point
 
     def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
         """The grid in use: positive scale and integer zero-point, detached."""
@@ -182,7 +142,9 @@ class FakeQuantize(nn.Module):
 
     # ---- forward ----------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.observer_enabled:
+        # LSQ: for a learnable grid the observer only initialises it (or a
+        # loaded checkpoint does); from then on training moves it.
+        if self.training and self.observer_enabled and not (self.spec.learnable and self.is_calibrated):
             self.observe(x)
         if not self.fake_quant_enabled:
             return x
@@ -203,15 +165,15 @@ class FakeQuantize(nn.Module):
     # ---- state dict: buffers/parameters take the shapes they were saved with --
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name in ("min_val", "max_val", "scale", "zero_point"):
+        # The grid takes the shape it was saved with (the observer does the same
+        # for its statistics).
+        for name in ("scale", "zero_point"):
             key = prefix + name
             current = getattr(self, name)
             if key in state_dict and state_dict[key].shape != current.shape:
                 current.data = torch.empty_like(state_dict[key], device=current.device, dtype=current.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if self.spec.learnable and self.is_calibrated:
-            self.observer_enabled = False
 
     def extra_repr(self) -> str:
         s = self.spec
