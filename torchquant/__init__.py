@@ -3,14 +3,21 @@
 * ``torchquant.ops``: fake-quantize custom ops in C++ and CUDA, registered as
   ``torch.ops.torchquant.*`` (eager, autograd, ``torch.compile``, LibTorch);
 * ``torchquant.QuantSpec``: one description of how a tensor is quantized;
-* ``torchquant.nn.FakeQuantize``: observe a range, then fake-quantize.
+* ``torchquant.nn.FakeQuantize`` and the observers that calibrate it;
+* ``torchquant.prepare_qat`` / ``torchquant.convert``: QAT layers, then real
+  integer weights, saved with ``torchquant.save_quantized``.
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from torchquant import _C  # noqa: F401  (loads the library that registers the ops)
-from torchquant import nn, ops
+from torchquant import nn, observers, ops, qat
+from torchquant.checkpoint import load_quantized, save_quantized
 from torchquant.ops import fake_quantize, quant_range
+from torchquant.qat import QuantConfig, LayerQuant, convert, parameter_bytes, prepare_qat, qat_report
 from torchquant.spec import QuantSpec
 
-__all__ = ["QuantSpec", "fake_quantize", "nn", "ops", "quant_range"]
+__all__ = [
+    "LayerQuant", "QuantConfig", "QuantSpec", "convert", "fake_quantize", "load_quantized", "nn", "observers",
+    "ops", "parameter_bytes", "prepare_qat", "qat", "qat_report", "quant_range", "save_quantized",
+]
 __version__ = "0.1.0"
