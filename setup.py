@@ -69,7 +69,9 @@ def extension():
     # ATen's parallel_for is an inline OpenMP region (torch is built with
     # AT_PARALLEL_OPENMP): without -fopenmp it silently runs on one thread.
     # The OpenMP runtime resolves to the libgomp that torch already loaded.
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+    # No FMA contraction: the AVX2, baseline and CUDA kernels must round the
+    # same element math identically (see csrc/quant_math.h).
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
     macros = []
     if IS_X86:
         macros.append(("TORCHQUANT_HAVE_AVX2_KERNELS", None))
@@ -83,7 +85,7 @@ def extension():
     )
     if with_cuda:
         macros.append(("TORCHQUANT_WITH_CUDA", None))
-        return CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]}, **kwargs)
+        return CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false"]}, **kwargs)
     return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
 
 

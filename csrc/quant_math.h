@@ -36,6 +36,15 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float qm_round(float v) {
 C10_HOST_DEVICE C10_ALWAYS_INLINE float qm_min(float a, float b) { return b < a ? b : a; }
 C10_HOST_DEVICE C10_ALWAYS_INLINE float qm_max(float a, float b) { return b > a ? b : a; }
 
+// a * b + c rounded once.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float qm_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 // `cond` is the result of a comparison of T (bool for float, a lane mask for
 // vectors); picks `a` where true.
 C10_HOST_DEVICE C10_ALWAYS_INLINE float qm_select(bool cond, float a, float b) {
@@ -94,8 +103,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE LearnableGrads<T> learnable_grads(
   const T q = unclamped_code(x, g);
   const T zero_v = T(0.0f);
   const T qc = qm_min(qm_max(q, g.qmin), g.qmax);
-  const T x_hat = (qc - g.zero) * g.scale;
-  const T in_grid_dscale = dy * (x_hat - x) * g.inv_scale;
+  // x^ - x with one rounding: x^ and x are nearly equal, so computing x^
+  // first and subtracting would lose the low bits of x^ (an error of up to
+  // |q| ulps of the result). Every path uses a real fused multiply-add here
+  // and the build forbids the compiler from fusing anything else
+  // (-ffp-contract=off, --fmad=false), so all paths round alike.
+  const T in_grid_dscale = dy * qm_fma(qc - g.zero, g.scale, zero_v - x) * g.inv_scale;
   const T clipped_dscale = dy * (qc - g.zero);
   const T clipped_dzero = zero_v - dy * g.scale;
   const auto low = q < g.qmin;

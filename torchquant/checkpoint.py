@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from torchquant.nn.qat import sibling_name
 from torchquant.nn.quantized import QUANTIZED_MODULES, QuantizedModule
 
 __all__ = ["save_quantized", "load_quantized"]
@@ -43,11 +44,19 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module
                              f"(format {meta.get(_FORMAT_KEY)!r}, expected {_FORMAT!r})")
         tensors: Dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
     layers = json.loads(meta[_METADATA_KEY])
+    # A checkpoint of another architecture would otherwise fail deep inside get_submodule.
+    names = {name for name, _ in model.named_modules()}
+    missing = [name for name in layers if name not in names]
+    if missing:
+        raise ValueError(f"load_quantized: {path} quantizes layers the model does not have: {missing}")
     for name, layer_meta in layers.items():
         cls = QUANTIZED_MODULES[layer_meta["kind"]]
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         _set_submodule(model, name, cls.from_metadata(layer_meta, own))
+        if layer_meta.get("folded_bn"):
+            # The BatchNorm folded into this conv has no state left in the checkpoint.
+            _set_submodule(model, sibling_name(name, layer_meta["folded_bn"]), nn.Identity())
     model.load_state_dict(tensors, strict=True)
     return model.eval()
 

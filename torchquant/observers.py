@@ -20,9 +20,11 @@ After ``spec.freeze_observer_after`` updates an observer stops changing.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Tuple, Type
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchquant import ops
@@ -74,6 +76,13 @@ def grid_rows(x: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tuple[int, ...]]:
     return x.reshape(-1, g), shape
 
 
+def _world_size() -> int:
+    """Number of ranks of the default process group (1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec, eps: float = EPS) -> Tuple[Tensor, Tensor]:
     """Scale and zero-point covering ``[lo, hi]``, widened to include 0 so 0 is exact.
 
@@ -95,7 +104,18 @@ def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec, eps: float = EPS
 
 
 class Observer(nn.Module):
-    """Base class: tracks ``min_val`` / ``max_val`` per grid; subclasses decide how."""
+    """Base class: tracks ``min_val`` / ``max_val`` per grid; subclasses decide how.
+
+    Under ``torch.distributed`` (a process group is initialized and has more
+    than one rank) each rank sees a different batch; the batch's range is
+    all-reduced before it is merged, so that every rank calibrates the same
+    grid and data-parallel replicas stay identical. Every rank must then run
+    the same calibrating forwards. ``sync_distributed = False`` keeps an
+    observer local (for tensors that are identical on every rank, such as
+    replicated weights, or deliberately different, such as shards).
+    """
+
+    sync_distributed: bool = True
 
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__()
@@ -117,11 +137,16 @@ class Observer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.frozen:
             return x
-        if not torch.isfinite(x).all():
+        # Data-dependent checks and collectives would break the graph under
+        # torch.compile; they run in eager mode only.
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not torch.isfinite(x).all():
             raise ValueError(f"{type(self).__name__}: the input contains NaN or Inf; cannot calibrate a grid on it")
         rows, shape = grid_rows(x, self.spec)
         lo, hi = self._batch_range(rows)
         lo, hi = lo.reshape(shape), hi.reshape(shape)
+        if self.sync_distributed and not compiling and _world_size() > 1:
+            lo, hi = self._all_reduce_range(lo, hi)
         if not self.is_calibrated or self.min_val.shape != lo.shape:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:
@@ -132,6 +157,12 @@ class Observer(nn.Module):
 
     def _batch_range(self, rows: Tensor) -> Tuple[Tensor, Tensor]:
         return torch.aminmax(rows, dim=1)
+
+    def _all_reduce_range(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
+        """The range of the whole distributed batch: the minimum and maximum over ranks."""
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return lo, hi
 
     def _merge(self, lo: Tensor, hi: Tensor) -> None:
         torch.minimum(self.min_val, lo, out=self.min_val)
@@ -173,17 +204,37 @@ class MovingAverageMinMaxObserver(Observer):
 
 
 class PercentileObserver(MovingAverageMinMaxObserver):
-    """Moving average of each batch's low / high percentiles (``spec.percentile``)."""
+    """Moving average of each batch's low / high percentiles (``spec.percentile``).
+
+    Percentiles as ``torch.quantile`` defines them (linear interpolation
+    between order statistics), computed with ``kthvalue``, which unlike
+    ``torch.quantile`` has no input size limit.
+    """
 
     def _batch_range(self, rows: Tensor) -> Tuple[Tensor, Tensor]:
-        n = rows.shape[1]
         q = self.spec.percentile / 100.0
-        # kthvalue, unlike torch.quantile, has no input size limit.
-        k_hi = min(n, max(1, int(round(q * n))))
-        k_lo = min(n, max(1, n - k_hi + 1))
-        lo = torch.kthvalue(rows, k_lo, dim=1).values
-        hi = torch.kthvalue(rows, k_hi, dim=1).values
-        return lo, hi
+        return _quantile(rows, 1.0 - q), _quantile(rows, q)
+
+    def _all_reduce_range(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
+        # Percentiles of the union are not the extremes of the ranks'
+        # percentiles; their mean is the usual estimate.
+        world = _world_size()
+        dist.all_reduce(lo, op=dist.ReduceOp.SUM)
+        dist.all_reduce(hi, op=dist.ReduceOp.SUM)
+        return lo / world, hi / world
+
+
+def _quantile(rows: Tensor, q: float) -> Tensor:
+    """``torch.quantile(rows, q, dim=1)``: ``q`` and the interpolation weight in
+    float32 as there, so that the results agree bit for bit."""
+    n = rows.shape[1]
+    position = torch.tensor(q, dtype=torch.float32) * (n - 1)
+    below = int(position)
+    below_value = torch.kthvalue(rows, below + 1, dim=1).values
+    if below + 1 >= n:
+        return below_value
+    above_value = torch.kthvalue(rows, below + 2, dim=1).values
+    return torch.lerp(below_value, above_value, position - below)
 
 
 class MSEObserver(Observer):
@@ -247,33 +298,19 @@ class HistogramObserver(Observer):
         self.histogram.scatter_add_(1, idx, torch.ones_like(rows))
 
     def _thresholds(self) -> Tensor:
-        """Per grid, the |x| threshold minimising KL(P || Q)."""
-        hist = self.histogram
+        """Per grid, the |x| threshold minimising KL(P || Q) (see :func:`_kl_per_threshold`)."""
         levels = (self.spec.quant_max - self.spec.quant_min + 1) // 2 if self.spec.symmetric else \
             self.spec.quant_max - self.spec.quant_min + 1
         levels = max(2, min(levels, self.bins))
-        best = torch.full((hist.shape[0],), float("inf"))
-        best_i = torch.full((hist.shape[0],), self.bins, dtype=torch.long)
         step = max(1, (self.bins - levels) // 256)
-        for i in range(levels, self.bins + 1, step):
-            p = hist[:, :i].clone()
-            p[:, -1] += hist[:, i:].sum(1)  # clipped mass goes to the edge bin
-            q = self._quantize_distribution(hist[:, :i], levels)
-            kl = _kl_divergence(p, q)
-            better = kl < best
-            best = torch.where(better, kl, best)
-            best_i = torch.where(better, torch.full_like(best_i, i), best_i)
+        kept = torch.arange(levels, self.bins + 1, step)
+        # The unclipped range is always a candidate, whatever the stride.
+        if int(kept[-1]) != self.bins:
+            kept = torch.cat([kept, torch.tensor([self.bins])])
+        kl = _kl_per_threshold(self.histogram, kept, levels)
+        # argmin keeps the first (smallest) of equal divergences.
+        best_i = kept[kl.argmin(dim=1)]
         return best_i.float() / self.bins * self.hist_range
-
-    @staticmethod
-    def _quantize_distribution(p: Tensor, levels: int) -> Tensor:
-        """Merge ``p``'s bins into ``levels`` buckets, then spread each bucket over its non-empty bins."""
-        n = p.shape[1]
-        bucket = torch.div(torch.arange(n) * levels, n, rounding_mode="floor")
-        nonzero = (p > 0).float()
-        mass = torch.zeros(p.shape[0], levels).index_add_(1, bucket, p)
-        count = torch.zeros(p.shape[0], levels).index_add_(1, bucket, nonzero)
-        return torch.where(nonzero > 0, mass[:, bucket] / count[:, bucket].clamp(min=1), torch.zeros_like(p))
 
     def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
         super().calculate_qparams()
@@ -291,14 +328,70 @@ class HistogramObserver(Observer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _kl_divergence(p: Tensor, q: Tensor) -> Tensor:
-    p = p / p.sum(1, keepdim=True).clamp(min=1e-12)
-    q = q / q.sum(1, keepdim=True).clamp(min=1e-12)
-    mask = p > 0
-    # Where P has mass but Q has none the divergence is infinite; a small
-    # floor keeps the search ranking such thresholds last instead of NaN.
-    ratio = p / q.clamp(min=1e-12)
-    return torch.where(mask, p * torch.log(ratio), torch.zeros_like(p)).sum(1)
+# A bin where P has mass but Q has none (the last kept bin, when it is empty
+# but receives the clipped mass) would make the divergence infinite; Q is
+# floored there so such thresholds rank last instead of NaN.
+_Q_FLOOR = 1e-12
+
+
+def _kl_per_threshold(hist: Tensor, kept: Tensor, levels: int) -> Tensor:
+    """KL(P || Q) of every row of ``hist`` for every number of kept bins ``i`` in ``kept``.
+
+    TensorRT's entropy calibration: P is the histogram cut after bin ``i``
+    with the clipped mass added to its last kept bin; Q merges the kept bins
+    into ``levels`` buckets (bin ``j`` into bucket ``j * levels // i``) and
+    spreads each bucket's mass evenly over its non-empty bins. Both are
+    normalised. Instead of building P and Q for each ``i``, the divergence is
+    assembled from prefix sums of the histogram, O(levels) per threshold
+    instead of O(bins). With ``C`` the total count and ``C_i`` the kept one:
+
+        C * KL = sum_{j<i} h_j log(h_j / C) - sum_b mass_b log(mass_b / count_b / C_i)
+                 + (the last kept bin's term redone with the clipped mass added)
+
+    Returns ``[rows, len(kept)]`` (float64).
+    """
+    hist = hist.double()
+    # Prefix sums, transposed so that gathering bucket edges copies contiguous
+    # rows: [bins + 1, grids]; entry j sums bins 0 .. j-1.
+    def prefix(values: Tensor) -> Tensor:
+        return torch.cat([values.new_zeros(values.shape[0], 1), values.cumsum(1)], dim=1).t().contiguous()
+
+    mass_before = prefix(hist)
+    nonzero_before = prefix((hist > 0).double())
+    hlogh_before = prefix(torch.xlogy(hist, hist))
+    hist_t = hist.t()
+    # Candidates in chunks of ~4M bucket values: bounded memory for many grids.
+    chunk = max(1, (1 << 22) // max(1, hist.shape[0] * (levels + 1)))
+    return torch.cat([
+        _kl_chunk(hist_t, mass_before, nonzero_before, hlogh_before, part, levels) for part in kept.split(chunk)
+    ]).t()
+
+
+def _kl_chunk(hist_t: Tensor, mass_before: Tensor, nonzero_before: Tensor, hlogh_before: Tensor, kept: Tensor,
+              levels: int) -> Tensor:
+    """:func:`_kl_per_threshold` for some thresholds, from the prefix sums: ``[len(kept), grids]``."""
+    total = mass_before[-1].clamp(min=_Q_FLOOR)                           # [grids]
+    kept_mass = mass_before[kept]                                        # [K, grids]
+    log_kept = torch.log(kept_mass.clamp(min=_Q_FLOOR))
+
+    # Bucket b holds bins [ceil(b * i / levels), ceil((b + 1) * i / levels)).
+    b = torch.arange(levels + 1)
+    edges = ((b[None, :] * kept[:, None] + levels - 1) // levels).flatten()
+    shape = (len(kept), levels + 1, mass_before.shape[1])
+    bucket_mass = mass_before.index_select(0, edges).view(shape).diff(dim=1)  # [K, levels, grids]
+    bucket_count = nonzero_before.index_select(0, edges).view(shape).diff(dim=1).clamp_(min=1)
+    # sum_b mass_b log(mass_b / count_b / C_i); the bucket masses add up to C_i.
+    bucket_term = torch.xlogy(bucket_mass, bucket_mass / bucket_count).sum(1) - kept_mass * log_kept
+    kl = hlogh_before[kept] - kept_mass * torch.log(total) - bucket_term
+
+    # The last kept bin (always in the last bucket) holds the clipped mass in P.
+    last = hist_t[kept - 1]
+    clipped = mass_before[-1] - kept_mass
+    log_q_last = torch.where(
+        last > 0, torch.log(bucket_mass[:, -1] / bucket_count[:, -1]) - log_kept, math.log(_Q_FLOOR))
+    p_last = last + clipped
+    kl = kl + torch.xlogy(p_last, p_last / total) - torch.xlogy(last, last / total) - clipped * log_q_last
+    return kl / total
 
 
 OBSERVERS: Dict[str, Type[Observer]] = {

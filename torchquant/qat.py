@@ -51,9 +51,10 @@ class QuantConfig:
     """Which layers to quantize, and how.
 
     A layer's :class:`LayerQuant` is the first match of: ``exclude`` (name
-    patterns, ``fnmatch`` style: left alone), ``by_name`` (name pattern →
-    LayerQuant, or ``None`` to leave it alone), ``by_type`` (module type →
-    LayerQuant), then ``default`` for the supported types.
+    patterns, ``fnmatch`` style: left alone, with everything inside),
+    ``by_name`` (name pattern → LayerQuant, or ``None`` to leave it alone),
+    ``by_type`` (exact module type → LayerQuant), then ``default`` for the
+    supported types.
     ``fold_bn`` trains Conv2d + BatchNorm2d pairs (adjacent in an
     ``nn.Sequential``) with the BN folded into the quantized weight.
     """
@@ -68,7 +69,10 @@ class QuantConfig:
         for t in self.by_type:
             if not (isinstance(t, type) and issubclass(t, nn.Module)):
                 raise TypeError(f"QuantConfig.by_type keys must be nn.Module subclasses, got {t!r}")
-            if not any(issubclass(t, base) for base in QAT_MODULES):
+            # Exact types only: prepare_qat swaps a layer only when its type is
+            # exactly a supported one (a subclass may change forward), so a
+            # subclass key would be accepted and then silently match nothing.
+            if t not in QAT_MODULES:
                 raise ValueError(
                     f"QuantConfig.by_type: no QAT version of {t.__name__}; supported types are "
                     f"{', '.join(b.__name__ for b in QAT_MODULES)}"
@@ -77,8 +81,11 @@ class QuantConfig:
             if value is not None and not isinstance(value, LayerQuant):
                 raise TypeError(f"QuantConfig entry {key!r} must be a LayerQuant or None, got {type(value).__name__}")
 
+    def is_excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+
     def for_module(self, name: str, module: nn.Module) -> Optional[LayerQuant]:
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+        if self.is_excluded(name):
             return None
         if _float_type(module) is None:
             return None
@@ -157,12 +164,18 @@ def prepare_qat(model: nn.Module, config: QuantConfig, inplace: bool = False) ->
 
     Works on any nesting (``Sequential``, ``ModuleList``, ``ModuleDict``,
     attributes of custom modules). Layers already converted are left alone,
-    so calling it twice changes nothing.
+    so calling it twice changes nothing. When ``model`` is itself a supported
+    layer, its QAT layer is returned (sharing its parameters).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"prepare_qat: config must be a QuantConfig, got {type(config).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    # A bare layer cannot be swapped inside a parent: the QAT layer is returned
+    # (it trains the same parameters).
+    lq = config.for_module("", model)
+    if lq is not None:
+        return _to_qat("", model, lq)
     _prepare_children(model, "", config)
     return model
 
@@ -174,6 +187,8 @@ def _prepare_children(parent: nn.Module, prefix: str, config: QuantConfig) -> No
         if child_name in skip:
             continue
         full = f"{prefix}{child_name}"
+        if config.is_excluded(full):
+            continue  # an excluded module keeps its whole subtree in floating point
         lq = config.for_module(full, child)
         if lq is None:
             _prepare_children(child, full + ".", config)
@@ -183,7 +198,7 @@ def _prepare_children(parent: nn.Module, prefix: str, config: QuantConfig) -> No
                 and type(nxt[1]) is nn.BatchNorm2d):
             _check_fits(full, child, lq)
             qat = QATConvBn2d.from_float_pair(child, nxt[1], lq.weight, lq.activation, lq.output)
-            qat.bn_float_name = f"{prefix}{nxt[0]}"
+            qat.bn_float_name = nxt[0]  # relative to the parent: stays valid if the model is wrapped
             setattr(parent, nxt[0], nn.Identity())
             skip.add(nxt[0])
         else:
@@ -216,6 +231,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
+    if isinstance(model, QATModule):  # a bare QAT layer: nothing to swap it inside
+        return _to_quantized(model).eval()
     found = _convert_children(model, "")
     if not found and not any(isinstance(m, QuantizedModule) for m in model.modules()):
         raise ValueError("convert: the model has no QAT modules; call prepare_qat(model, config) first")
@@ -254,7 +271,10 @@ def _to_quantized(m: QATModule) -> QuantizedModule:
         if m.padding_mode != "zeros":
             raise RuntimeError(f"padding_mode={m.padding_mode!r} is not supported by the quantized conv")
         cls = QuantizedConv2d if isinstance(m, QATConv2d) else QuantizedConv1d
-        return cls(weight, bias, scale, zero_point, m.weight_spec, cfg, m.input_fake_quant, m.output_fake_quant)
+        q = cls(weight, bias, scale, zero_point, m.weight_spec, cfg, m.input_fake_quant, m.output_fake_quant)
+        # load_quantized needs to know which float BatchNorm was folded away.
+        q.folded_bn = getattr(m, "bn_float_name", None)
+        return q
     if isinstance(m, QATEmbedding):
         return QuantizedEmbedding(weight, scale, zero_point, m.weight_spec, {"padding_idx": m.padding_idx},
                                   m.output_fake_quant)

@@ -4,11 +4,18 @@
 
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace torchquant::cpu {
 namespace {
 
+// TORCHQUANT_CPU_ISA=default forces the baseline kernels (to compare the
+// two builds, or to rule the AVX2 path out when debugging).
 bool cpu_has_avx2() {
 #if defined(TORCHQUANT_HAVE_AVX2_KERNELS) && (defined(__GNUC__) || defined(__clang__))
+  const char* forced = std::getenv("TORCHQUANT_CPU_ISA");
+  if (forced != nullptr && std::string(forced) == "default") return false;
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 #else

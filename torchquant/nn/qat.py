@@ -26,6 +26,7 @@ __all__ = [
     "QATConvBn2d",
     "QATEmbedding",
     "float_state_dict",
+    "sibling_name",
 ]
 
 _QUANTIZER_NAMES = ("weight_fake_quant", "input_fake_quant", "output_fake_quant")
@@ -43,7 +44,7 @@ class QATModule:
         if weight is None:
             raise ValueError(f"{type(self).__name__} needs a weight QuantSpec, got None")
         self.weight_spec = weight
-        self.weight_fake_quant = FakeQuantize(weight)
+        self.weight_fake_quant = _weight_quantizer(weight)
         self.input_fake_quant = FakeQuantize(activation) if activation is not None else None
         self.output_fake_quant = FakeQuantize(output) if output is not None else None
         # The weight is known now: calibrate its grid at once, so learnable
@@ -81,12 +82,22 @@ class QATModule:
         if not any(k.startswith(quant_prefix) for k in state_dict) and (prefix + "weight") in state_dict:
             with torch.no_grad():
                 fq = self.weight_fake_quant
-                fresh = FakeQuantize(fq.spec, grad_factor=fq.grad_factor).to(self.weight.device)
+                fresh = _weight_quantizer(fq.spec, grad_factor=fq.grad_factor).to(self.weight.device)
                 fresh(self._weight_for_quant(state_dict[prefix + "weight"].detach()))
                 fq.load_state_dict(fresh.state_dict())
 
     def extra_repr(self) -> str:  # pragma: no cover - cosmetic
         return super().extra_repr() + f", weight_spec={self.weight_spec}"
+
+
+def _weight_quantizer(spec: QuantSpec, grad_factor="lsq") -> FakeQuantize:
+    """A weight's quantizer. Its observer stays local to the rank: data-parallel
+    replicas hold the same weight, so there is nothing to all-reduce, and
+    calibrating a weight (at construction, on loading a checkpoint) must not
+    wait on other ranks."""
+    fq = FakeQuantize(spec, grad_factor=grad_factor)
+    fq.observer.sync_distributed = False
+    return fq
 
 
 def _allow_missing_quantizer_keys(module: nn.Module) -> None:
@@ -218,16 +229,23 @@ def _share_parameters(qat: nn.Module, mod: nn.Module) -> None:
     qat.train(mod.training)
 
 
+def sibling_name(name: str, sibling: str) -> str:
+    """Full name of the module called ``sibling`` in the parent of the module ``name``."""
+    parent = name.rpartition(".")[0]
+    return f"{parent}.{sibling}" if parent else sibling
+
+
 def float_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """``model.state_dict()`` without quantizer state: loads strictly into the float model.
 
     A folded Conv+BN keeps its BatchNorm under ``<conv>.bn.*``; its entries
-    go back to the BatchNorm's name in the float model.
+    go back to the BatchNorm's name in the float model (``bn_float_name``,
+    the name of the conv's sibling that held it).
     """
     renames = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QATConvBn2d) and getattr(mod, "bn_float_name", None):
-            renames[f"{name}.bn." if name else "bn."] = mod.bn_float_name + "."
+            renames[f"{name}.bn." if name else "bn."] = sibling_name(name, mod.bn_float_name) + "."
     out = {}
     for key, value in model.state_dict().items():
         if any(f"{q}." in key for q in _QUANTIZER_NAMES):

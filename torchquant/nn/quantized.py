@@ -32,6 +32,10 @@ def spec_from_dict(d: Dict[str, Any]) -> QuantSpec:
 class QuantizedModule(nn.Module):
     """Shared storage of an integer weight and its grids."""
 
+    # Name of the BatchNorm sibling folded into this conv (Conv+BN QAT), which
+    # the float architecture still has and a loaded checkpoint must drop.
+    folded_bn: Optional[str] = None
+
     def _store_weight(self, weight: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> None:
         self.weight_spec = spec
         self.weight_shape = tuple(weight.shape)
@@ -77,7 +81,8 @@ class QuantizedModule(nn.Module):
     def quant_metadata(self) -> Dict[str, Any]:
         """What :func:`torchquant.load_quantized` needs to rebuild this module."""
         meta = {"kind": type(self).__name__, "weight_spec": spec_to_dict(self.weight_spec),
-                "weight_shape": list(self.weight_shape), "config": self._config()}
+                "weight_shape": list(self.weight_shape), "config": self._config(),
+                "folded_bn": self.folded_bn}
         for name in ("input_fake_quant", "output_fake_quant"):
             fq = getattr(self, name)
             meta[name] = spec_to_dict(fq.spec) if fq is not None else None
@@ -93,6 +98,7 @@ class QuantizedModule(nn.Module):
         nn.Module.__init__(m)
         m.weight_spec = spec_from_dict(meta["weight_spec"])
         m.weight_shape = tuple(meta["weight_shape"])
+        m.folded_bn = meta.get("folded_bn")
         m._restore_config(meta["config"])
         for name in ("qweight", "scale", "zero_point"):
             if name not in tensors:
