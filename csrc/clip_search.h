@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <optional>
 #include <tuple>
@@ -46,5 +47,12 @@ std::tuple<at::Tensor, at::Tensor> mse_clip_search_with(
 
 // Smallest scale a grid may have, as in the Python observers.
 constexpr float kMinScale = 1.1920928955078125e-07f;  // float32 epsilon
+
+// The factor candidate k (0 <= k < steps) shrinks [lo, hi] by:
+// 1 - k * max_shrink / steps, in float32 and in this order of operations on
+// every backend, so that all of them try the same grids bit for bit.
+C10_HOST_DEVICE inline float candidate_shrink(int64_t k, int64_t steps, float max_shrink) {
+  return 1.0f - static_cast<float>(k) * max_shrink / static_cast<float>(steps);
+}
 
 }  // namespace torchquant

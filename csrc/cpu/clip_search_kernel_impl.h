@@ -87,7 +87,7 @@ void clip_search(const ClipSearchArgs& a, at::Tensor& err, at::Tensor& scale, at
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = t / a.steps;
         const int64_t k = t % a.steps;
-        const float shrink = 1.0f - static_cast<float>(k) * a.max_shrink / static_cast<float>(a.steps);
+        const float shrink = candidate_shrink(k, a.steps, a.max_shrink);
         float s, z;
         grid_from_range(lo[g] * shrink, hi[g] * shrink, a.quant_min, a.quant_max, a.symmetric,
                         kMinScale, &s, &z);

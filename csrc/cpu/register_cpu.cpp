@@ -1,6 +1,8 @@
-// CPU registrations of the fake-quantize ops, with the kernels picked for the
+// CPU registrations of the torchquant ops, with the kernels picked for the
 // instruction set of the running CPU.
 #include "fake_quant_kernel.h"
+
+#include "../register_backend.h"
 
 #include <torch/library.h>
 
@@ -48,49 +50,8 @@ ClipSearchKernel cpu_clip_search_kernel() {
   return &DEFAULT::clip_search;
 }
 
-namespace {
-
-at::Tensor fake_quantize_cpu(const at::Tensor& input, const at::Tensor& scale,
-                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                             std::optional<int64_t> axis, std::optional<int64_t> group_size,
-                             double grad_factor) {
-  return fake_quantize_with(cpu_kernels(), input, scale, zero_point, quant_min, quant_max, axis,
-                            group_size, grad_factor);
-}
-
-at::Tensor fake_quantize_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const at::Tensor& scale, const at::Tensor& zero_point,
-                                      int64_t quant_min, int64_t quant_max,
-                                      std::optional<int64_t> axis,
-                                      std::optional<int64_t> group_size) {
-  return fake_quantize_backward_with(cpu_kernels(), grad_output, input, scale, zero_point,
-                                     quant_min, quant_max, axis, group_size);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_learnable_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& scale,
-    const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-    std::optional<int64_t> axis, std::optional<int64_t> group_size, double grad_factor) {
-  return fake_quantize_learnable_backward_with(cpu_kernels(), grad_output, input, scale,
-                                               zero_point, quant_min, quant_max, axis, group_size,
-                                               grad_factor);
-}
-
-std::tuple<at::Tensor, at::Tensor> mse_clip_search_cpu(
-    const at::Tensor& input, const at::Tensor& min_val, const at::Tensor& max_val,
-    int64_t quant_min, int64_t quant_max, bool symmetric, std::optional<int64_t> axis,
-    std::optional<int64_t> group_size, int64_t steps, double max_shrink, double norm) {
-  return mse_clip_search_with(cpu_clip_search_kernel(), input, min_val, max_val, quant_min,
-                              quant_max, symmetric, axis, group_size, steps, max_shrink, norm);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(torchquant, CPU, m) {
-  m.impl("fake_quantize", &fake_quantize_cpu);
-  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
-  m.impl("fake_quantize_learnable_backward", &fake_quantize_learnable_backward_cpu);
-  m.impl("mse_clip_search", &mse_clip_search_cpu);
+  register_backend_ops<&cpu_kernels, &cpu_clip_search_kernel>(m);
 }
 
 }  // namespace torchquant::cpu

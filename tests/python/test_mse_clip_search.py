@@ -258,3 +258,24 @@ def _bad_call(**changes):
 def test_bad_arguments(changes, error, names):
     with pytest.raises(error, match=names):
         _bad_call(**changes)()
+
+
+@pytest.mark.parametrize("granularity", [{}, {"axis": 0}, {"axis": 1}, {"group_size": 32}])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_device_matches_cpu(device, granularity, symmetric):
+    """Every backend picks the same grids: the candidates are computed with the
+    same float32 arithmetic, only the error sums may round differently."""
+    torch.manual_seed(7)
+    x = torch.randn(48, 96) * torch.rand(48, 1) * 3
+    if "axis" in granularity:
+        lo, hi = torch.aminmax(x.movedim(granularity["axis"], 0).reshape(x.shape[granularity["axis"]], -1), dim=1)
+    elif "group_size" in granularity:
+        lo, hi = torch.aminmax(x.reshape(48, 3, 32), dim=-1)
+    else:
+        lo, hi = torch.aminmax(x)
+        lo, hi = lo.reshape(1), hi.reshape(1)
+    qmin, qmax = (-8, 7) if symmetric else (0, 15)
+    cpu = ops.mse_clip_search(x, lo, hi, qmin, qmax, symmetric, **granularity)
+    dev = ops.mse_clip_search(x.to(device), lo.to(device), hi.to(device), qmin, qmax, symmetric, **granularity)
+    for a, b in zip(cpu, dev):
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
