@@ -77,18 +77,28 @@ def accuracy(model, data):
 
 
 def train(model, train_data, steps, lr, desc):
-    """Adam on random minibatches, the loss shown on the progress bar."""
+    """Adam on random minibatches, the loss shown on the progress bar; returns the loss curve."""
     x, y = train_data
     generator = torch.Generator().manual_seed(SEED)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)  # after calibration: every grid has its shape
     model.train()
+    losses = []
     for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = torch.randint(len(x), (BATCH_SIZE,), generator=generator)
         loss = F.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    return losses
+
+
+def curve(losses, points=5):
+    """The training loss at evenly spaced steps, each averaged over its neighbourhood."""
+    chunk = max(1, len(losses) // points)
+    return " → ".join(f"{sum(losses[i:i + chunk]) / len(losses[i:i + chunk]):.2e}"
+                      for i in range(0, chunk * points, chunk))
 
 
 def post_training_rtn(fp32, weight_bits, train_x):
@@ -102,8 +112,8 @@ def quantization_aware(fp32, weight_bits, train_data, desc):
     """Learnable grids initialised like RTN's, fine-tuned with the weights, then converted."""
     model = prepare_qat(fp32, quant_config(weight_bits, learnable=True))
     calibrate(model, train_data[0])
-    train(model, train_data, QAT_STEPS, QAT_LR, desc)
-    return convert(model)
+    losses = train(model, train_data, QAT_STEPS, QAT_LR, desc)
+    return convert(model), losses
 
 
 def check_checkpoint(model, test_x) -> bool:
@@ -129,13 +139,13 @@ def main() -> int:
     print(f"digits: {len(train_data[0])} train / {len(test_data[0])} test samples, 64 features, 10 classes")
 
     fp32 = make_mlp()
-    train(fp32, train_data, FP32_STEPS, FP32_LR, "fp32")
+    curves = {"fp32": train(fp32, train_data, FP32_STEPS, FP32_LR, "fp32")}
     fp32_acc, fp32_bytes = accuracy(fp32, test_data), parameter_bytes(fp32)
 
     results, converted = {}, {}
     for setting, bits in WEIGHT_BITS.items():
         rtn = post_training_rtn(fp32, bits, train_data[0])
-        qat = quantization_aware(fp32, bits, train_data, f"{setting} QAT")
+        qat, curves[f"{setting} QAT"] = quantization_aware(fp32, bits, train_data, f"{setting} QAT")
         converted[setting] = qat
         results[setting] = (accuracy(rtn, test_data), accuracy(qat, test_data), parameter_bytes(qat))
 
@@ -147,6 +157,9 @@ def main() -> int:
         # With fewer than 2 test samples lost, the fraction is noise.
         recovered = f"{(qat_acc - rtn_acc) / lost:.0%}" if lost >= 2 * 100 / len(test_data[0]) else "–"
         print(f"| {setting} | {rtn_acc:.2f} | {qat_acc:.2f} | {recovered} | {fp32_bytes} → {nbytes} |")
+    print("\ntraining loss (5 points from first to last step):")
+    for name, losses in curves.items():
+        print(f"  {name:9s} {curve(losses)}")
     print()
 
     rtn_acc = {s: r[0] for s, r in results.items()}
