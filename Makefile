@@ -29,7 +29,8 @@ DEV_PACKAGES := numpy pytest hypothesis safetensors tqdm scikit-learn ninja pack
 TORCH_STAMP := $(STAMPS)/torch-$(TORCH_VERSION)
 DEV_PACKAGES_STAMP := $(STAMPS)/dev-packages-$(shell printf '%s' '$(DEV_PACKAGES)' | md5sum | cut -c1-12)
 EXTENSION_STAMP := $(STAMPS)/extension
-CSRC_FILES := $(shell find csrc -type f)
+# Folders too: their times change when a source is added or removed.
+CSRC_PATHS := $(shell find csrc)
 
 # The venv's tools (ninja, python) come first for everything run from here.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -61,10 +62,10 @@ python-deps: $(TORCH_STAMP) $(DEV_PACKAGES_STAMP)
 # .venv, not whichever torch an isolated build environment would download.
 # `pip install -e .` registers the package and compiles everything in a
 # throw-away directory, so it runs the first time and when the packaging or
-# torch changes ($? lists more than csrc/ files); a change confined to csrc/
+# torch changes ($? lists more than csrc/ paths); a change confined to csrc/
 # recompiles only what it affects, with ninja in build/temp.*.
-$(EXTENSION_STAMP): $(CSRC_FILES) setup.py pyproject.toml $(TORCH_STAMP) | $(DEV_PACKAGES_STAMP)
-	$(if $(filter-out $(CSRC_FILES),$?),$(PIP) install --no-build-isolation -e .,$(PY) setup.py build_ext --inplace)
+$(EXTENSION_STAMP): $(CSRC_PATHS) setup.py pyproject.toml $(TORCH_STAMP) | $(DEV_PACKAGES_STAMP)
+	$(if $(filter-out $(CSRC_PATHS),$?),$(PIP) install --no-build-isolation -e .,$(PY) setup.py build_ext --inplace)
 	touch $@
 
 extension: $(EXTENSION_STAMP)
