@@ -103,6 +103,21 @@ def qparams_from_range(lo: Tensor, hi: Tensor, spec: QuantSpec, eps: float = EPS
     return scale, zero_point
 
 
+def resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
+    """Give ``module``'s tensors ``names`` the shapes they have in ``state_dict``.
+
+    Grids and statistics take their per-channel shape from the first data
+    seen, so a fresh module must adopt the saved shapes before loading. The
+    tensor objects are kept (``.data`` is replaced), so Parameters stay the
+    Parameters an optimizer holds.
+    """
+    for name in names:
+        saved = state_dict.get(prefix + name)
+        current = getattr(module, name)
+        if saved is not None and current is not None and saved.shape != current.shape:
+            current.data = torch.empty_like(saved, device=current.device, dtype=current.dtype)
+
+
 class Observer(nn.Module):
     """Base class: tracks ``min_val`` / ``max_val`` per grid; subclasses decide how.
 
@@ -178,12 +193,11 @@ class Observer(nn.Module):
                                "run calibration batches through the model first")
         return qparams_from_range(self.min_val, self.max_val, self.spec)
 
+    # Buffers whose shape depends on the data seen; a loaded checkpoint gives them theirs.
+    _data_shaped_buffers: Tuple[str, ...] = ("min_val", "max_val")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Observed statistics take the shape they were saved with.
-        for name in ("min_val", "max_val"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key]))
+        resize_to_saved(self, state_dict, prefix, self._data_shaped_buffers)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -240,6 +254,8 @@ def _quantile(rows: Tensor, q: float) -> Tensor:
 class MSEObserver(Observer):
     """Running min / max; the grid is the MSE-optimal shrink of that range on the last tensor seen."""
 
+    _data_shaped_buffers = Observer._data_shaped_buffers + ("scale", "zero_point")
+
     def __init__(self, spec: QuantSpec, steps: int = 100, max_shrink: float = 0.8) -> None:
         super().__init__(spec)
         self.search_steps = steps
@@ -258,12 +274,6 @@ class MSEObserver(Observer):
         super().calculate_qparams()  # raises if nothing was observed
         return self.scale.clone(), self.zero_point.clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scale", "zero_point"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class HistogramObserver(Observer):
@@ -273,6 +283,8 @@ class HistogramObserver(Observer):
     exceeds the range, the range doubles and pairs of bins merge, so earlier
     batches are kept without storing them.
     """
+
+    _data_shaped_buffers = Observer._data_shaped_buffers + ("histogram", "hist_range")
 
     def __init__(self, spec: QuantSpec, bins: int = 2048) -> None:
         super().__init__(spec)
@@ -320,12 +332,6 @@ class HistogramObserver(Observer):
         hi = torch.minimum(self.max_val, t)
         return qparams_from_range(lo, hi, self.spec)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("histogram", "hist_range"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # A bin where P has mass but Q has none (the last kept bin, when it is empty

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from torchquant import ops
-from torchquant.observers import Observer, make_observer, qparams_from_range
+from torchquant.observers import Observer, make_observer, qparams_from_range, resize_to_saved
 from torchquant.spec import QuantSpec
 
 __all__ = ["FakeQuantize", "qparams_from_range"]
@@ -167,11 +167,7 @@ class FakeQuantize(nn.Module):
                               error_msgs):
         # The grid takes the shape it was saved with (the observer does the same
         # for its statistics).
-        for name in ("scale", "zero_point"):
-            key = prefix + name
-            current = getattr(self, name)
-            if key in state_dict and state_dict[key].shape != current.shape:
-                current.data = torch.empty_like(state_dict[key], device=current.device, dtype=current.dtype)
+        resize_to_saved(self, state_dict, prefix, ("scale", "zero_point"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -119,10 +119,7 @@ class QATLinear(QATModule, nn.Linear):
                    output: Optional[QuantSpec] = None) -> "QATLinear":
         qat = cls(mod.in_features, mod.out_features, bias=mod.bias is not None,
                   device=mod.weight.device, dtype=mod.weight.dtype)
-        _share_parameters(qat, mod)
-        qat._init_quantizers(weight, activation, output)
-        _allow_missing_quantizer_keys(qat)
-        return qat
+        return _adopt(qat, mod, weight, activation, output)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._quantize_output(F.linear(self._quantize_input(x), self.quantized_weight(), self.bias))
@@ -135,10 +132,7 @@ class _QATConvNd(QATModule):
         qat = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
                   dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None,
                   padding_mode=mod.padding_mode, device=mod.weight.device, dtype=mod.weight.dtype)
-        _share_parameters(qat, mod)
-        qat._init_quantizers(weight, activation, output)
-        _allow_missing_quantizer_keys(qat)
-        return qat
+        return _adopt(qat, mod, weight, activation, output)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._quantize_output(self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias))
@@ -169,11 +163,8 @@ class QATConvBn2d(QATConv2d):
         qat = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                   padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-        _share_parameters(qat, conv)
-        qat.bn = bn
-        qat._init_quantizers(weight, activation, output)
-        _allow_missing_quantizer_keys(qat)
-        return qat
+        qat.bn = bn  # before _adopt: the weight grid is calibrated on the BN-folded weight
+        return _adopt(qat, conv, weight, activation, output)
 
     def _bn_scale(self) -> Tensor:
         return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
@@ -209,15 +200,21 @@ class QATEmbedding(QATModule, nn.Embedding):
         qat = cls(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx, max_norm=mod.max_norm,
                   norm_type=mod.norm_type, scale_grad_by_freq=mod.scale_grad_by_freq, sparse=mod.sparse,
                   device=mod.weight.device, dtype=mod.weight.dtype)
-        _share_parameters(qat, mod)
-        qat._init_quantizers(weight, None, output)
-        _allow_missing_quantizer_keys(qat)
-        return qat
+        return _adopt(qat, mod, weight, None, output)
 
     def forward(self, idx: Tensor) -> Tensor:
         out = F.embedding(idx, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
                           self.scale_grad_by_freq, self.sparse)
         return self._quantize_output(out)
+
+
+def _adopt(qat, mod: nn.Module, weight: QuantSpec, activation: Optional[QuantSpec],
+           output: Optional[QuantSpec]):
+    """Finish a QAT module built from ``mod``: its parameters, its quantizers, float checkpoints."""
+    _share_parameters(qat, mod)
+    qat._init_quantizers(weight, activation, output)
+    _allow_missing_quantizer_keys(qat)
+    return qat
 
 
 def _share_parameters(qat: nn.Module, mod: nn.Module) -> None:
