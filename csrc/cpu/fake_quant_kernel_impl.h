@@ -22,6 +22,7 @@
 #include "../dispatch.h"
 #include "../quant_math.h"
 #include "fake_quant_kernel.h"
+#include "huge_pages.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -157,6 +158,7 @@ void map_elements(const FakeQuantArgs& a, const scalar_t* x, const scalar_t* dy,
 }
 
 void forward(const FakeQuantArgs& a, at::Tensor& out) {
+  advise_huge_pages(out);
   TORCHQUANT_DISPATCH_FLOAT_TYPES(a.input.scalar_type(), "torchquant_fake_quantize_cpu", [&] {
     map_elements<scalar_t>(
         a, a.input.const_data_ptr<scalar_t>(), nullptr, out.mutable_data_ptr<scalar_t>(),
@@ -168,6 +170,7 @@ void forward(const FakeQuantArgs& a, at::Tensor& out) {
 }
 
 void ste_backward(const FakeQuantArgs& a, const at::Tensor& grad_output, at::Tensor& grad_input) {
+  advise_huge_pages(grad_input);
   TORCHQUANT_DISPATCH_FLOAT_TYPES(a.input.scalar_type(), "torchquant_fake_quantize_backward_cpu", [&] {
     map_elements<scalar_t>(
         a, a.input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
@@ -303,6 +306,7 @@ at::Tensor learnable_backward_runs(const FakeQuantArgs& a, const scalar_t* x, co
 
 at::Tensor learnable_backward(const FakeQuantArgs& a, const at::Tensor& grad_output,
                               at::Tensor& grad_input) {
+  advise_huge_pages(grad_input);
   at::Tensor partial;
   TORCHQUANT_DISPATCH_FLOAT_TYPES(a.input.scalar_type(), "torchquant_fake_quantize_learnable_backward_cpu", [&] {
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();

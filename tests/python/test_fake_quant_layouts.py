@@ -5,7 +5,7 @@ import torch
 
 from cases import QUANT_RANGES, make_case, make_grad_output
 from checks import assert_bitwise_equal
-from reference import PER_TENSOR, per_channel, per_group
+from reference import PER_TENSOR, fake_quantize_reference, in_range_mask, per_channel, per_group
 from torchquant.ops import fake_quantize, fake_quantize_backward, fake_quantize_learnable_backward
 
 
@@ -85,3 +85,22 @@ def test_non_contiguous_qparams(device, granularity):
     for actual, expected in zip(fake_quantize_learnable_backward(dy, x, scale_view, zero_view, **kwargs),
                                 fake_quantize_learnable_backward(dy, x, scale, zero_point, **kwargs)):
         assert_bitwise_equal(actual, expected)
+
+
+@pytest.mark.parametrize("granularity", [PER_TENSOR, per_channel(0), per_group(64)], ids=str)
+def test_outputs_large_enough_for_huge_pages(device, granularity):
+    """Outputs of several MiB (the CPU kernels advise huge pages for those
+    before writing) hold the same values as the reference, to the last
+    element of the last, partly covered, page."""
+    shape = (1031, 2112)  # 8.3 MiB in fp32, an odd number of 4 KiB pages
+    x, scale, zero_point = make_case(shape, granularity, QUANT_RANGES["int8"], torch.float32, device=device)
+    dy = make_grad_output(x)
+    grid = dict(quant_min=-128, quant_max=127)
+    kwargs = dict(grid, **granularity.op_kwargs())
+    y = fake_quantize(x, scale, zero_point, **kwargs)
+    assert_bitwise_equal(y, fake_quantize_reference(x, scale, zero_point, granularity=granularity, **grid))
+    dx_ste = fake_quantize_backward(dy, x, scale, zero_point, **kwargs)
+    dx, _, _ = fake_quantize_learnable_backward(dy, x, scale, zero_point, **kwargs)
+    expected_dx = torch.where(in_range_mask(x, scale, zero_point, granularity=granularity, **grid), dy, 0.0)
+    assert_bitwise_equal(dx_ste, expected_dx)
+    assert_bitwise_equal(dx, expected_dx)
