@@ -19,6 +19,11 @@ stops the run instead of producing a number.
 
     python benchmarks/bench_fake_quant.py            # 4096 x 4096, CPU
     python benchmarks/bench_fake_quant.py --quick    # smoke test, seconds
+
+On CPU, first-touch page faults of fresh 64 MiB outputs can cost more than the
+arithmetic. torchquant's kernels advise huge pages for their outputs; run with
+THP_MEM_ALLOC_ENABLE=1 in the environment to give every implementation huge
+pages and compare the arithmetic alone.
 """
 from __future__ import annotations
 
@@ -408,6 +413,12 @@ def print_header(args: argparse.Namespace, device: torch.device) -> None:
     preload = os.environ.get("LD_PRELOAD")
     if preload:  # an allocator that keeps freed memory changes what a call costs
         print(f"LD_PRELOAD={preload} MALLOC_CONF={os.environ.get('MALLOC_CONF', '')}")
+    if device.type == "cpu":
+        # torchquant's CPU kernels back their large outputs with huge pages;
+        # THP_MEM_ALLOC_ENABLE=1 gives every implementation the same.
+        thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+        print("huge pages: " + ("every allocation (THP_MEM_ALLOC_ENABLE=1)" if thp
+                                else "torchquant's outputs only (set THP_MEM_ALLOC_ENABLE=1 for all)"))
     print(f"input {args.size} x {args.size}, int8 grid [{QUANT_MIN}, {QUANT_MAX}], "
           f"median of {args.repeats} after {args.warmup} warm-up, torch.compile backend {COMPILE_BACKEND}")
     print()
