@@ -1,0 +1,357 @@
+"""GPTQ checkpoints as the GPTQ ecosystem writes them (AutoGPTQ, GPTQModel; read by vLLM, exllama, transformers).
+
+A checkpoint is a folder with
+
+* ``model.safetensors``: for every quantized layer ``<name>.qweight``,
+  ``<name>.qzeros``, ``<name>.scales``, ``<name>.g_idx`` and ``<name>.bias``
+  (layout in :mod:`torchquant.nn.gptq_linear`), plus every other parameter
+  and buffer of the model as it is; the quantize config is embedded in the
+  file's metadata under ``"quantize_config"``;
+* ``quantize_config.json``: ``bits``, ``group_size`` (-1: none), ``desc_act``,
+  ``static_groups``, ``sym``, ``checkpoint_format``, ``quant_method``
+  ("gptq"), and ``damp_percent`` / ``true_sequential`` when given.
+
+``checkpoint_format`` says how ``qzeros`` is stored: "gptq" (v1, what
+AutoGPTQ writes and most readers expect) stores ``zero - 1`` in each field;
+"gptq_v2" (GPTQModel) stores the true zero-point. v1 cannot hold a
+zero-point of 0 for the readers that add the 1 back without wrapping, so
+saving such a layer as v1 is refused; reading v1 adds 1 modulo 2^bits, as
+GPTQModel does.
+
+Layers that differ from the top-level settings and layers left in float are
+described with GPTQModel's ``dynamic`` rules, which vLLM and SGLang read: a
+``"+:^<name>$": {"bits": ..., ...}`` entry overrides settings for one
+layer; a ``"-:^<name>$": {}`` entry marks a Linear layer that was not
+quantized (for example one that saw no calibration data), whose float
+weight is saved as is. The first matching rule wins.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from torchquant.nn.gptq_linear import GPTQLinear
+from torchquant.ptq.packing import SUPPORTED_BITS, pack_int32, unpack_int32
+
+__all__ = ["save_gptq", "load_gptq", "qzeros_to_v1", "qzeros_from_v1", "CONFIG_FILE", "WEIGHTS_FILE"]
+
+CONFIG_FILE = "quantize_config.json"
+WEIGHTS_FILE = "model.safetensors"
+_METADATA_KEY = "quantize_config"
+_FORMATS = ("gptq", "gptq_v2")
+# Settings a "+:" dynamic rule may override, with the GPTQLinear attribute each one is.
+_LAYER_SETTINGS = {"bits": "bits", "group_size": "group_size", "sym": "symmetric", "desc_act": "desc_act"}
+_SAVE_KEYS = ("bits", "group_size", "desc_act", "static_groups", "sym", "checkpoint_format", "damp_percent",
+              "true_sequential", "quant_method", "meta")
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---- zero-point conventions ---------------------------------------------------------------
+
+def qzeros_to_v1(qzeros: Tensor, bits: int, name: str = "") -> Tensor:
+    """Packed true zero-points (v2) to the v1 convention (each field holds zero - 1)."""
+    zero_u = unpack_int32(qzeros, bits, dim=1)
+    empty = int((zero_u == 0).sum())
+    if empty:
+        raise ValueError(f"checkpoint_format 'gptq' (v1) stores zero-point - 1 and cannot hold a zero-point of 0 "
+                         f"(layer {name!r}: {empty} group(s) have unsigned zero-point 0; readers that add 1 back "
+                         f"without wrapping would read {1 << bits}). Save with checkpoint_format='gptq_v2'")
+    return pack_int32(zero_u - 1, bits, dim=1)
+
+
+def qzeros_from_v1(qzeros: Tensor, bits: int) -> Tensor:
+    """Packed v1 zero-points (zero - 1 per field) to true zero-points, adding 1 modulo 2^bits per field.
+
+    Adding per field, not to the packed word, keeps a carry out of one field
+    from changing the next (3-bit fields also straddle words).
+    """
+    zero_u = (unpack_int32(qzeros, bits, dim=1) + 1) & ((1 << bits) - 1)
+    return pack_int32(zero_u, bits, dim=1)
+
+
+# ---- saving -------------------------------------------------------------------------------
+
+def save_gptq(model: nn.Module, path: PathLike, quantize_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Write ``model`` (with :class:`GPTQLinear` layers) as a GPTQ checkpoint folder ``path``.
+
+    ``quantize_config`` may give ``bits``, ``group_size``, ``sym``,
+    ``desc_act``, ``static_groups`` (the top-level settings; by default those
+    of the first quantized layer), ``checkpoint_format`` ("gptq", the
+    default, or "gptq_v2"), ``damp_percent``, ``true_sequential`` and
+    ``meta`` (a dict of anything else worth recording). Layers whose
+    settings differ from the top level get a ``"+:"`` dynamic rule; float
+    ``nn.Linear`` layers get a ``"-:"`` rule. Returns the config written.
+    """
+    cfg = dict(quantize_config or {})
+    unknown = sorted(set(cfg) - set(_SAVE_KEYS))
+    if unknown:
+        raise ValueError(f"quantize_config has unknown keys {unknown}; allowed: {list(_SAVE_KEYS)} "
+                         f"(put anything else under 'meta')")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
+    if not layers:
+        raise ValueError("save_gptq: the model has no GPTQLinear layers to save")
+    if "" in layers:
+        raise ValueError("save_gptq: the model itself is a GPTQLinear; save a module that contains it")
+    config = _top_level_config(cfg, next(iter(layers.values())))
+    dynamic: Dict[str, Dict[str, Any]] = {}
+    for name, m in layers.items():
+        diff = {key: getattr(m, attr) for key, attr in _LAYER_SETTINGS.items() if getattr(m, attr) != config[key]}
+        if diff:
+            dynamic[f"+:^{re.escape(name)}$"] = diff
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name:
+            dynamic[f"-:^{re.escape(name)}$"] = {}
+    if dynamic:
+        config["dynamic"] = dynamic
+    config["lm_head"] = any(name.rpartition(".")[2] == "lm_head" for name in layers)
+
+    tensors = _state_tensors(model)
+    for name, m in layers.items():
+        # The format's dtype; exact, since the module's scales came from float16.
+        tensors[f"{name}.scales"] = m.scales.detach().to(torch.float16).contiguous()
+        if config["checkpoint_format"] == "gptq":
+            tensors[f"{name}.qzeros"] = qzeros_to_v1(m.qzeros, m.bits, name)
+
+    os.makedirs(path, exist_ok=True)
+    text = json.dumps(config, indent=2)
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", _METADATA_KEY: text})
+    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return config
+
+
+def _top_level_config(cfg: Dict[str, Any], first: GPTQLinear) -> Dict[str, Any]:
+    from torchquant import __version__  # on use: torchquant may still be importing this module
+    group_size = cfg.get("group_size", first.group_size)
+    config = {
+        "bits": cfg.get("bits", first.bits),
+        "group_size": -1 if group_size is None else group_size,
+        "desc_act": cfg.get("desc_act", first.desc_act),
+        "static_groups": cfg.get("static_groups", first.static_groups),
+        "sym": cfg.get("sym", first.symmetric),
+        "quant_method": cfg.get("quant_method", "gptq"),
+        "checkpoint_format": cfg.get("checkpoint_format", "gptq"),
+        "pack_dtype": "int32",
+    }
+    if config["bits"] not in SUPPORTED_BITS or isinstance(config["bits"], bool):
+        raise ValueError(f"quantize_config['bits'] must be one of {SUPPORTED_BITS}, got {config['bits']!r}")
+    gs = config["group_size"]
+    if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs <= 0):
+        raise ValueError(f"quantize_config['group_size'] must be a positive integer or -1, got {gs!r}")
+    for key in ("desc_act", "static_groups", "sym", "true_sequential"):
+        value = cfg.get(key, config.get(key, False))
+        if not isinstance(value, bool):
+            raise ValueError(f"quantize_config[{key!r}] must be a bool, got {value!r}")
+    if config["quant_method"] != "gptq":
+        raise ValueError(f"quantize_config['quant_method'] must be 'gptq', got {config['quant_method']!r}")
+    if config["checkpoint_format"] not in _FORMATS:
+        raise ValueError(f"quantize_config['checkpoint_format'] must be one of {_FORMATS}, "
+                         f"got {config['checkpoint_format']!r}")
+    if "true_sequential" in cfg:
+        config["true_sequential"] = cfg["true_sequential"]
+    if "damp_percent" in cfg:
+        dp = cfg["damp_percent"]
+        if isinstance(dp, bool) or not isinstance(dp, (int, float)) or not 0 <= dp <= 1:
+            raise ValueError(f"quantize_config['damp_percent'] must be a number in [0, 1], got {dp!r}")
+        config["damp_percent"] = dp
+    meta = cfg.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"quantize_config['meta'] must be a dict, got {type(meta).__name__}")
+    config["meta"] = {"quantizer": [f"torchquant:{__version__}"], **meta}
+    return config
+
+
+def _state_tensors(model: nn.Module) -> Dict[str, Tensor]:
+    """The state dict ready for safetensors: contiguous, and tied tensors given their own copy."""
+    tensors, seen = {}, set()
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        ptr = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        if ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        tensors[key] = t.contiguous()
+    return tensors
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def load_gptq(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a GPTQ checkpoint (folder or ``.safetensors`` file) into the float model ``model``, in place.
+
+    Each ``nn.Linear`` the checkpoint quantized (``<name>.qweight`` present) is
+    replaced by a :class:`GPTQLinear` on the same device; then every tensor is
+    loaded. v1 zero-points are converted to true zero-points. Tensors of
+    weights tied to a loaded one may be absent (tied embeddings). Returns
+    ``model`` in eval mode.
+    """
+    tensors, config = _read_checkpoint(path)
+    settings = _parse_config(config, path)
+    names = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    if "qweight" in tensors:
+        raise ValueError(f"load_gptq: {path} holds an unprefixed 'qweight'; the model root cannot be replaced")
+    if not names:
+        raise ValueError(f"load_gptq: {path} has no '<layer>.qweight' tensors; it is not a GPTQ checkpoint")
+    modules = dict(model.named_modules())
+    for name in names:
+        layer = _load_layer(name, modules.get(name), tensors, settings, path)
+        tensors[f"{name}.qzeros"] = layer.qzeros
+        tensors[f"{name}.g_idx"] = layer.g_idx
+        _set_submodule(model, name, layer)
+    _load_state(model, tensors, path)
+    return model.eval()
+
+
+def _load_layer(name: str, module: Optional[nn.Module], tensors: Dict[str, Tensor], settings: Dict[str, Any],
+                path: PathLike) -> GPTQLinear:
+    if module is None:
+        raise ValueError(f"load_gptq: {path} quantizes layer {name!r}, which the model does not have")
+    if not isinstance(module, (nn.Linear, GPTQLinear)):
+        raise ValueError(f"load_gptq: {path} quantizes {name!r}, a {type(module).__name__} in the model; "
+                         f"only nn.Linear layers can become GPTQLinear")
+    excluded, overrides = _dynamic_rule(settings["dynamic"], name)
+    if excluded:
+        raise ValueError(f"load_gptq: the quantize config excludes {name!r} (a '-:' dynamic rule) but {path} "
+                         f"holds {name}.qweight")
+    s = {**{k: settings[k] for k in _LAYER_SETTINGS}, **{k: v for k, v in overrides.items() if k in _LAYER_SETTINGS}}
+    for key in ("qzeros", "scales"):
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"load_gptq: {path} has {name}.qweight but no {name}.{key}")
+    qzeros = tensors[f"{name}.qzeros"]
+    if settings["checkpoint_format"] == "gptq":
+        _check_int32(qzeros, f"{name}.qzeros")
+        qzeros = qzeros_from_v1(qzeros, s["bits"])
+    layer = GPTQLinear.from_packed(tensors[f"{name}.qweight"], qzeros, tensors[f"{name}.scales"],
+                                   tensors.get(f"{name}.g_idx"), tensors.get(f"{name}.bias"), s["bits"],
+                                   s["group_size"], s["sym"], s["desc_act"], settings["static_groups"], name=name)
+    if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
+        raise ValueError(f"load_gptq: {name} in {path} is {layer.in_features} -> {layer.out_features} features "
+                         f"({s['bits']} bits) but the model's layer is {module.in_features} -> "
+                         f"{module.out_features}")
+    if (layer.bias is None) != (module.bias is None):
+        has = "has" if layer.bias is not None else "has no"
+        raise ValueError(f"load_gptq: {path} {has} {name}.bias but the model's layer "
+                         f"{'has none' if module.bias is None else 'has one'}")
+    device = module.qweight.device if isinstance(module, GPTQLinear) else module.weight.device
+    return layer.to(device)
+
+
+def _check_int32(t: Tensor, name: str) -> None:
+    if t.dtype != torch.int32 or t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D int32 tensor, got {t.dtype} of shape {list(t.shape)}")
+
+
+def _dynamic_rule(dynamic: Dict[str, Dict[str, Any]], name: str) -> Tuple[bool, Dict[str, Any]]:
+    """(excluded, overrides) for layer ``name``: the first matching rule wins, as in vLLM."""
+    for pattern, overrides in dynamic.items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return True, {}
+        elif re.match(pattern[2:] if pattern.startswith("+:") else pattern, name):
+            return False, dict(overrides or {})
+    return False, {}
+
+
+def _parse_config(config: Dict[str, Any], path: PathLike) -> Dict[str, Any]:
+    where = f"the quantize config of {path}"
+    method = str(config.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise ValueError(f"{where} has quant_method {config.get('quant_method')!r}; only 'gptq' is read here")
+    if config.get("is_marlin_format"):
+        raise ValueError(f"{where} is in Marlin's repacked layout (is_marlin_format), which is not GPTQ's")
+    fmt = str(config.get("checkpoint_format") or config.get("format") or "gptq").lower()
+    if fmt not in _FORMATS:
+        raise ValueError(f"{where} has checkpoint_format {fmt!r}; supported: {_FORMATS}")
+    if config.get("pack_dtype", "int32") != "int32":
+        raise ValueError(f"{where} packs into {config['pack_dtype']!r}; only int32 words are supported")
+    if "bits" not in config:
+        raise ValueError(f"{where} has no 'bits'")
+    dynamic = config.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise ValueError(f"{where} has a 'dynamic' entry that is not a dict of rules")
+    flags = {"sym": config.get("sym", True), "desc_act": config.get("desc_act", False),
+             "static_groups": config.get("static_groups", False)}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} has {key} = {value!r}; expected true or false")
+    return {"bits": config["bits"], "group_size": config.get("group_size", -1), **flags,
+            "checkpoint_format": fmt, "dynamic": dynamic}
+
+
+def _read_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """All tensors of the checkpoint and its quantize config."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = _weight_files(path)
+        folder = path
+    elif os.path.isfile(path):
+        files, folder = [path], os.path.dirname(path)
+    else:
+        raise FileNotFoundError(f"load_gptq: no checkpoint at {path}")
+    tensors: Dict[str, Tensor] = {}
+    embedded = None
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            embedded = embedded or (f.metadata() or {}).get(_METADATA_KEY)
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    config = _read_json(os.path.join(folder, CONFIG_FILE))
+    if config is None:
+        hf = _read_json(os.path.join(folder, "config.json"))
+        config = (hf or {}).get("quantization_config")
+    if config is None and embedded is not None:
+        config = json.loads(embedded)
+    if config is None:
+        raise FileNotFoundError(f"load_gptq: found no quantize config for {path} ({CONFIG_FILE}, config.json's "
+                                f"'quantization_config' or the safetensors metadata)")
+    return tensors, config
+
+
+def _weight_files(folder: str) -> List[str]:
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index = _read_json(single + ".index.json")
+    if index is not None:
+        return [os.path.join(folder, f) for f in sorted(set(index["weight_map"].values()))]
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
+    if len(found) != 1:
+        raise FileNotFoundError(f"load_gptq: {folder} has no {WEIGHTS_FILE} (nor its .index.json) and "
+                                f"{len(found)} other .safetensors files; pass the file to load")
+    return found
+
+
+def _read_json(file: str) -> Optional[Dict[str, Any]]:
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_state(model: nn.Module, tensors: Dict[str, Tensor], path: PathLike) -> None:
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"load_gptq: {path} holds tensors the model does not have: {sorted(result.unexpected_keys)}")
+    if result.missing_keys:
+        # A weight tied to one that was loaded (shared storage) is loaded already.
+        state = model.state_dict(keep_vars=True)
+        loaded = {state[k].untyped_storage().data_ptr() for k in tensors if k in state and state[k].numel()}
+        missing = [k for k in result.missing_keys if state[k].untyped_storage().data_ptr() not in loaded]
+        if missing:
+            raise ValueError(f"load_gptq: {path} lacks tensors the model needs: {sorted(missing)}")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
