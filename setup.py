@@ -31,6 +31,7 @@ def build_with_cuda() -> bool:
 
 def sources(with_cuda: bool) -> list[str]:
     files = sorted(glob.glob(os.path.join(CSRC, "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    files += sorted(glob.glob(os.path.join(CSRC, "ptq", "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "ptq", "cpu", "*.cpp")))
     files = [f for f in files if IS_X86 or not f.endswith("_avx2.cpp")]
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))

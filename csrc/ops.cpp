@@ -33,4 +33,59 @@ TORCH_LIBRARY(torchquant, m) {
       "mse_clip_search(Tensor input, Tensor min_val, Tensor max_val, int quant_min, "
       "int quant_max, bool symmetric, int? axis=None, int? group_size=None, int steps=100, "
       "float max_shrink=0.8, float norm=2.0) -> (Tensor, Tensor)");
+  // GPTQ (Frantar et al. 2022). Calibration: the layer Hessian, updated in
+  // place with a batch of inputs [..., in]:
+  //   hessian <- hessian * num_seen / (num_seen + n) + 2 / (num_seen + n) * X^T X.
+  m.def("gptq_accumulate_hessian(Tensor(a!) hessian, Tensor inputs, int num_seen) -> ()");
+  // Quantization of a weight [out, in] against its Hessian [in, in] (float32,
+  // not modified). codes are int32 in [quant_min, quant_max] with
+  // weight_q == (codes - zero_points[:, g_idx]) * scales[:, g_idx]; scales /
+  // zero_points are [out, n_groups] float32; g_idx [in] int32 is each input
+  // column's group; loss = tr((W - weight_q) H (W - weight_q)^T) / 2 with the
+  // undamped H; damp is the damping used, -1 after a round-to-nearest fallback.
+  m.def(
+      "gptq_quantize(Tensor weight, Tensor hessian, int quant_min, int quant_max, bool symmetric, "
+      "int? group_size=None, bool act_order=False, bool static_groups=False, int block_size=128, "
+      "float percdamp=0.01, int clip_search_steps=0, float clip_max_shrink=0.8, "
+      "bool rtn_fallback=False, str layer_name=\"\") -> (Tensor weight_q, Tensor codes, "
+      "Tensor scales, Tensor zero_points, Tensor g_idx, Tensor loss, Tensor damp)");
+  // AWQ (Lin et al. 2023). Calibration searches on the inputs x [tokens, in]
+  // shared by one or more Linear layers; no autograd.
+  // Per-input-channel scales s [in] (float32): for alpha = i / grid, i < grid,
+  // s = mean|x|^alpha (duo_scaling: / (w_mean^(1 - alpha) + 1e-4)), clamped
+  // to >= 1e-4 and divided by sqrt(max(s) min(s)); the s with the least
+  // sum_k mean(((x / s) Q(W_k s)^T - x W_k^T)^2) (Q: a min/max grid per group
+  // of group_size input columns, -1 for one per row). losses [grid] float32.
+  m.def(
+      "awq_search_scales(Tensor x, Tensor[] weights, Tensor[]? biases, int quant_min, "
+      "int quant_max, bool symmetric, int group_size, int grid=20, bool duo_scaling=False) "
+      "-> (Tensor scales, Tensor losses)");
+  // Per (output channel, group) clipping range of weight [out, in]: the
+  // shrunk range [f lo, f hi], f = 1 - k * max_shrink / steps, k < steps
+  // (symmetric: lo = -max|w|, hi = max|w|), minimising the group's output
+  // error over the tokens x[::max(1, tokens / max_tokens)]; out_chunk output
+  // channels at a time. min_val / max_val are [out, in / group_size] float32.
+  m.def(
+      "awq_search_clip(Tensor x, Tensor weight, int quant_min, int quant_max, bool symmetric, "
+      "int group_size, int steps=20, float max_shrink=0.5, int max_tokens=512, "
+      "int out_chunk=256) -> (Tensor min_val, Tensor max_val)");
+  // SmoothQuant (Xiao et al. 2022): the activation of one input channel j is
+  // divided by s_j and the columns j of the Linear weights reading it are
+  // multiplied by s_j, which leaves the float model's function unchanged.
+  // s_j = act_absmax[j]^alpha / max_k,i |weights[k][i, j]|^(1 - alpha), alpha
+  // in [0, 1], act_absmax [in] finite and positive; the weight maxima and s
+  // are clamped below at eps. Returns float32 [in] (float64 for a float64
+  // act_absmax).
+  m.def("smoothquant_scales(Tensor act_absmax, Tensor[] weights, float alpha, float eps=1e-5) -> Tensor");
+  // In place: prev_weight (a norm's [in] weight, or the [in, prev_in] weight
+  // of the Linear producing the input) and prev_bias [in] divided by scales;
+  // each next weight [out, in] has its columns multiplied by scales.
+  m.def(
+      "smoothquant_fold_(Tensor(a!) prev_weight, Tensor(b!)? prev_bias, Tensor(c!)[] next_weights, "
+      "Tensor scales) -> ()");
+  // W8A8 activations: dynamic symmetric quantization of each row of x [..., in].
+  // scales [..., 1] float32 = max(max|row| / ((quant_max - quant_min) / 2),
+  // float32 eps); codes = clamp(round(x * (1 / scales)), quant_min, quant_max),
+  // int8 when the range fits in int8, int32 otherwise.
+  m.def("quantize_per_token(Tensor x, int quant_min, int quant_max) -> (Tensor codes, Tensor scales)");
 }

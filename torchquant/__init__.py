@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from torchquant import _C  # noqa: F401  (loads the library that registers the ops)
 from torchquant import nn, observers, ops, qat
+from torchquant import ptq  # noqa: F401  (post-training quantization: torchquant.ptq.gptq, ...)
 from torchquant.checkpoint import load_quantized, save_quantized
 from torchquant.ops import fake_quantize, quant_range
 from torchquant.qat import QuantConfig, LayerQuant, convert, parameter_bytes, prepare_qat, qat_report

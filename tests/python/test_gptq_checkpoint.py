@@ -1,8 +1,11 @@
-"""GPTQLinear (inference from packed GPTQ tensors) and the GPTQ checkpoint (save_gptq / load_gptq).
+"""GPTQLinear (inference from packed GPTQ tensors), the GPTQ checkpoint (save_gptq / load_gptq), and the
+way from a GPTQ run to a checkpoint (to_gptq_modules, save_gptq(report=...)).
 
 References are plain PyTorch written here: the weight is
 ``(codes - zero_points[:, g_idx]) * fp16(scales)[:, g_idx]``, column by column.
 """
+import copy
+import dataclasses
 import json
 import os
 
@@ -14,8 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from checks import assert_bitwise_equal
+from ptq_models import TinyDecoder, call, correlated_features, padded_batches, plain_mlp, seeded, token_batches
+from qat_models import single_threaded  # noqa: F401  (autouse fixture)
+from torchquant import QuantSpec
 from torchquant.nn import GPTQLinear
-from torchquant.ptq.checkpoint import load_gptq, qzeros_from_v1, qzeros_to_v1, save_gptq
+from torchquant.ptq import gptq
+from torchquant.ptq.checkpoint import (GPTQFormatWarning, load_gptq, qzeros_from_v1, qzeros_to_v1, save_gptq,
+                                       to_gptq_modules)
 from torchquant.ptq.packing import pack_int32, unpack_int32
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -409,3 +417,134 @@ def test_load_reads_a_checkpoint_written_by_hand_in_v1(tmp_path):
     x = torch.randn(2, 64)
     with torch.no_grad():
         assert_bitwise_equal(model(x), F.linear(x, reference_weight(q), q["bias"].half().float()))
+
+
+# ---- from a GPTQ run: to_gptq_modules, save_gptq(report=...) -------------------------------
+
+GPTQ_RUNS = {
+    # v1 stores zero - 1: symmetric grids (zero-point 8) always fit
+    "v1-sym-act-order": ("gptq", QuantSpec(bits=4, granularity="group", group_size=16), {"act_order": True}),
+    "v2-asym-static-groups": ("gptq_v2", QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16),
+                              {"act_order": True, "static_groups": True}),
+}
+
+
+def gptq_decoder(spec, **kwargs):
+    """The tiny decoder quantized by the GPTQ driver on padded batches, and its report."""
+    model = seeded(TinyDecoder)
+    return model, gptq(model, padded_batches(), spec, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("case", GPTQ_RUNS)
+def test_a_gptq_model_and_its_report_save_and_reload_bit_exactly(tmp_path, case):
+    fmt, spec, kwargs = GPTQ_RUNS[case]
+    model, report = gptq_decoder(spec, **kwargs)
+    config = save_gptq(model, tmp_path, {"checkpoint_format": fmt}, report=report)
+    assert len(report.results) == 14
+    for name in report.results:
+        assert isinstance(model.get_submodule(name), GPTQLinear), name
+    assert type(model.lm_head) is nn.Linear  # excluded by the driver: saved in float
+    # a skeleton with other float weights: every tensor comes from the checkpoint
+    fresh = load_gptq(seeded(TinyDecoder, seed=1), tmp_path)
+    with torch.no_grad():
+        for batch in padded_batches(2, seed=5) + token_batches(2, seed=6):
+            assert_bitwise_equal(call(fresh, batch), call(model, batch))
+    expected = {"bits": 4, "group_size": 16, "sym": spec.symmetric, "desc_act": True,
+                "static_groups": kwargs.get("static_groups", False), "damp_percent": 0.01, "true_sequential": True,
+                "checkpoint_format": fmt, "quant_method": "gptq"}
+    assert {k: config[k] for k in expected} == expected
+    assert config["dynamic"] == {"-:^lm_head$": {}}
+    assert json.loads((tmp_path / "quantize_config.json").read_text()) == config
+
+
+def test_converted_weights_differ_from_the_drivers_by_the_float16_rounding_of_scales_and_bias_only():
+    fmt, spec, kwargs = GPTQ_RUNS["v2-asym-static-groups"]
+    model, report = gptq_decoder(spec, **kwargs)
+    floats = {name: (model.get_submodule(name).weight.detach().clone(), model.get_submodule(name).bias)
+              for name in report.results}
+    assert to_gptq_modules(model, report) is model
+    moved = 0
+    for name, (weight, bias) in floats.items():
+        layer, q = model.get_submodule(name), report.results[name]
+        g = q.g_idx.long()
+        steps = (q.codes.double() - q.zero_points.double()[:, g]).abs()
+        s = q.scales.double()[:, g]
+        rounding = (s - q.scales.half().double()[:, g]).abs()
+        # float16 rounds to nearest: half an ulp, 2^-11 relative in the normal range, 2^-25 below
+        assert bool((rounding <= torch.clamp(2.0 ** -11 * s, min=2.0 ** -25)).all()), name
+        diff = (layer.dequantized_weight().double() - weight.double()).abs()
+        slack = 2.0 ** -23 * weight.double().abs()  # float32 rounding of either weight
+        assert bool((diff <= steps * rounding + slack).all()), name
+        assert bool((diff <= steps * torch.clamp(2.0 ** -11 * s, min=2.0 ** -25) + slack).all()), name
+        moved += int((diff > 0).sum())
+        if bias is None:
+            assert layer.bias is None
+        else:
+            assert torch.equal(layer.bias, bias.detach().half()), name
+    assert moved > 0  # the bound is not vacuous: float16 scales do move weights
+
+
+def test_layers_the_format_cannot_hold_stay_float_with_one_warning_and_still_round_trip(tmp_path):
+    model = seeded(plain_mlp)  # 16 -> 32 -> 32 -> 8
+    report = gptq(model, correlated_features(), QuantSpec(bits=4, granularity="channel"), progress=False)
+    before = copy.deepcopy(model)
+    with pytest.warns(GPTQFormatWarning) as caught:
+        config = save_gptq(model, tmp_path, {"checkpoint_format": "gptq_v2"}, report=report)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "2 quantized layer(s) stay float" in message
+    assert "0 (in_features=16 not a multiple of 32)" in message and "4 (out_features=8 not a multiple of 32)" in message
+    assert isinstance(model[2], GPTQLinear)
+    for i in (0, 4):
+        assert type(model[i]) is nn.Linear and torch.equal(model[i].weight, before[i].weight)
+    assert config["dynamic"] == {"-:^0$": {}, "-:^4$": {}}
+    fresh = load_gptq(plain_mlp(), tmp_path)
+    x = correlated_features(1, seed=3)[0]
+    with torch.no_grad():
+        assert_bitwise_equal(fresh(x), model(x))
+
+    five = seeded(plain_mlp)
+    report = gptq(five, correlated_features(), QuantSpec(bits=5, granularity="channel"), progress=False)
+    with pytest.warns(GPTQFormatWarning, match=r"3 quantized layer\(s\).*2 \(5-bit codes; the format packs 2, 3, 4, 8"):
+        to_gptq_modules(five, report)
+    assert not any(isinstance(m, GPTQLinear) for m in five.modules())
+    with pytest.warns(GPTQFormatWarning), pytest.raises(ValueError, match="no GPTQLinear layers"):
+        save_gptq(five, tmp_path / "five", report=report)
+    assert not (tmp_path / "five").exists()
+
+
+def test_converting_twice_is_harmless_and_other_codes_are_refused():
+    model, report = gptq_decoder(GPTQ_RUNS["v1-sym-act-order"][1], act_order=True)
+    to_gptq_modules(model, report)
+    layers = {name: model.get_submodule(name) for name in report.results}
+    to_gptq_modules(model, report)
+    assert all(model.get_submodule(name) is layer for name, layer in layers.items())
+    _, other = gptq_decoder(QuantSpec(bits=4, granularity="channel"))
+    with pytest.raises(ValueError, match="'layers.0.self_attn.q_proj' is already a GPTQLinear, holding other codes"):
+        to_gptq_modules(model, other)
+
+
+def test_to_gptq_modules_refuses_a_model_the_report_does_not_describe_and_changes_nothing():
+    original = seeded(TinyDecoder)
+    model = copy.deepcopy(original)
+    report = gptq(model, token_batches(), QuantSpec(bits=4, granularity="channel"), progress=False)
+    # the float model before the pass: its weights are not the report's
+    with pytest.raises(ValueError, match="the weight of 'layers.0.self_attn.q_proj' is not the one the report's codes"):
+        to_gptq_modules(original, report)
+    assert not any(isinstance(m, GPTQLinear) for m in original.modules())
+    with pytest.raises(ValueError, match="report quantized layer 'layers.0.self_attn.q_proj', which the model does"):
+        to_gptq_modules(plain_mlp(), report)
+    wider = copy.deepcopy(model)
+    wider.layers[1].mlp.down_proj = nn.Linear(64, 64, bias=False)
+    with pytest.raises(ValueError, match=r"'layers.1.mlp.down_proj' has weight shape \[64, 64\] but the report's"):
+        to_gptq_modules(wider, report)
+    assert not any(isinstance(m, GPTQLinear) for m in wider.modules())  # checked before any change
+    wider.layers[1].mlp.down_proj = nn.Identity()
+    with pytest.raises(ValueError, match="'layers.1.mlp.down_proj', a Identity in the model"):
+        to_gptq_modules(wider, report)
+    with pytest.raises(TypeError, match="report must be the PTQReport of a post-training pass"):
+        to_gptq_modules(model, report.results)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        to_gptq_modules(report.results, report)
+    with pytest.raises(ValueError, match="the GPTQ report holds no quantized weights"):
+        to_gptq_modules(model, dataclasses.replace(report, results={}))

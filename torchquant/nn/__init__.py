@@ -1,5 +1,7 @@
 """Modules built on torchquant's ops."""
+from torchquant.nn.awq_linear import AWQLinear
 from torchquant.nn.fake_quantize import FakeQuantize
 from torchquant.nn.gptq_linear import GPTQLinear
+from torchquant.nn.w8a8_linear import W8A8Linear
 
-__all__ = ["FakeQuantize", "GPTQLinear"]
+__all__ = ["AWQLinear", "FakeQuantize", "GPTQLinear", "W8A8Linear"]

@@ -24,6 +24,22 @@ described with GPTQModel's ``dynamic`` rules, which vLLM and SGLang read: a
 layer; a ``"-:^<name>$": {}`` entry marks a Linear layer that was not
 quantized (for example one that saw no calibration data), whose float
 weight is saved as is. The first matching rule wins.
+
+From a GPTQ run to a checkpoint, in one call or two::
+
+    report = torchquant.ptq.gptq(model, batches, spec)
+    save_gptq(model, "out", report=report)      # converts model in place, then saves
+    # or: to_gptq_modules(model, report); save_gptq(model, "out")
+    fresh = load_gptq(make_float_model(), "out")  # computes exactly what model now computes
+
+:func:`to_gptq_modules` replaces each quantized ``nn.Linear`` by a
+:class:`GPTQLinear` built from the report's codes. The format stores scales
+(and biases) in float16, so the converted model is not bit for bit the float
+model ``gptq()`` left: each weight element moves by ``|code - zero| *
+|scale - fp16(scale)|``, at most ``2^-11 * |code - zero| * scale`` for scales
+in float16's normal range (above 6.1e-5; below it, at most ``|code - zero| *
+2^-25``), and each bias by its float16 rounding. The checkpoint holds the
+converted model exactly: :func:`load_gptq` reproduces its outputs bit for bit.
 """
 from __future__ import annotations
 
@@ -31,6 +47,7 @@ import glob
 import json
 import os
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -40,8 +57,10 @@ from torch import Tensor, nn
 
 from torchquant.nn.gptq_linear import GPTQLinear
 from torchquant.ptq.packing import SUPPORTED_BITS, pack_int32, unpack_int32
+from torchquant.ptq.report import PTQReport, QuantizedWeight
 
-__all__ = ["save_gptq", "load_gptq", "qzeros_to_v1", "qzeros_from_v1", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_gptq", "load_gptq", "to_gptq_modules", "GPTQFormatWarning", "qzeros_to_v1", "qzeros_from_v1",
+           "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "quantize_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -78,24 +97,152 @@ def qzeros_from_v1(qzeros: Tensor, bits: int) -> Tensor:
     return pack_int32(zero_u, bits, dim=1)
 
 
+# ---- from a post-training pass to GPTQLinear layers ----------------------------------------
+
+class GPTQFormatWarning(UserWarning):
+    """Quantized layers the GPTQ checkpoint layout cannot hold were left as float ``nn.Linear`` layers."""
+
+
+def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
+    """Replace each quantized ``nn.Linear`` of ``model`` by the :class:`GPTQLinear` of its codes, in place.
+
+    Args:
+        model: the model the pass quantized (its quantized layers hold the
+            dequantized weights the report's codes give; this is checked).
+        report: the pass's report (``torchquant.ptq.gptq(...)``); every
+            layer of ``report.results`` is converted, on its weight's device,
+            with the layer's bias.
+
+    Layers the GPTQ layout cannot hold (``in_features`` or ``out_features``
+    not a multiple of 32, widths other than 2, 3, 4 or 8 bits, scales or
+    bias out of float16 range) stay ``nn.Linear`` with their quantized float
+    weights, and one :class:`GPTQFormatWarning` lists them with the reason;
+    :func:`save_gptq` writes them as float layers. Layers that already are
+    the ``GPTQLinear`` of their codes are left as they are, so converting
+    twice is harmless.
+
+    Every layer is checked and built before any is replaced: on an error the
+    model is unchanged. The converted layers compute with float16 scales and
+    bias (the format's dtype), so the converted model can differ from the
+    float one by that rounding (bound in the module docstring).
+
+    Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(report, PTQReport):
+        raise TypeError(f"report must be the PTQReport of a post-training pass (torchquant.ptq.gptq(...)), got "
+                        f"{type(report).__name__}")
+    if not report.results:
+        raise ValueError(f"to_gptq_modules: the {report.method} report holds no quantized weights "
+                         "(report.results is empty)")
+    modules = dict(model.named_modules())
+    todo: List[Tuple[str, nn.Linear, QuantizedWeight]] = []
+    kept: Dict[str, str] = {}
+    for name, q in report.results.items():
+        module = modules.get(name)
+        if module is None or name == "":
+            raise ValueError(f"to_gptq_modules: the report quantized layer {name!r}, which the model does not have "
+                             "as a submodule; pass the model the report was made on")
+        if isinstance(module, GPTQLinear):
+            _check_holds(name, module, q)
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"to_gptq_modules: the report quantized {name!r}, a {type(module).__name__} in the "
+                             "model; only nn.Linear layers become GPTQLinear")
+        if tuple(module.weight.shape) != tuple(q.unsigned_codes.shape):
+            raise ValueError(f"to_gptq_modules: {name!r} has weight shape {list(module.weight.shape)} but the "
+                             f"report's codes are {list(q.unsigned_codes.shape)}")
+        _check_weight_is_result(name, module.weight, q)
+        reason = _unsupported_shape(module, q)
+        if reason is None:
+            todo.append((name, module, q))
+        else:
+            kept[name] = reason
+    built = {}
+    for name, module, q in todo:
+        try:
+            built[name] = _gptq_layer(module, q)
+        except ValueError as error:  # what float16 cannot hold (scales, bias)
+            kept[name] = str(error)
+    for name, layer in built.items():
+        _set_submodule(model, name, layer)
+    if kept:
+        warnings.warn(f"to_gptq_modules: {len(kept)} quantized layer(s) stay float nn.Linear layers holding their "
+                      "quantized weights, as the GPTQ format cannot hold them: "
+                      + "; ".join(f"{name} ({why})" for name, why in kept.items()), GPTQFormatWarning, stacklevel=2)
+    return model
+
+
+def _unsupported_shape(module: nn.Linear, q: QuantizedWeight) -> Optional[str]:
+    if q.bits not in SUPPORTED_BITS:
+        return f"{q.bits}-bit codes; the format packs {', '.join(map(str, SUPPORTED_BITS))} bits"
+    bad = [f"{attr}={getattr(module, attr)}" for attr in ("in_features", "out_features") if getattr(module, attr) % 32]
+    if bad:
+        return f"{' and '.join(bad)} not a multiple of 32"
+    return None
+
+
+def _group_size(q: QuantizedWeight) -> Optional[int]:
+    return q.spec.group_size if q.spec.granularity == "group" else None
+
+
+def _gptq_layer(module: nn.Linear, q: QuantizedWeight) -> GPTQLinear:
+    device = module.weight.device
+    bias = None if module.bias is None else module.bias.detach()
+    return GPTQLinear.from_codes(q.codes.to(device), q.scales.to(device), q.zero_points.to(device),
+                                 q.g_idx.to(device), bias, q.bits, _group_size(q), q.quant_min, q.spec.symmetric,
+                                 desc_act=q.act_order, static_groups=q.static_groups)
+
+
+def _check_weight_is_result(name: str, weight: Tensor, q: QuantizedWeight) -> None:
+    """The layer computes with the report's dequantized weight (up to its dtype's rounding)."""
+    w = weight.detach().float()
+    dq = q.dequantize().to(w.device)
+    # A hundredth of a grid step: an unquantized weight sits up to half a step away.
+    tol = 0.01 * q.scales[:, q.g_idx.long()].to(w.device) + torch.finfo(weight.dtype).eps * dq.abs()
+    off = int(((w - dq).abs() > tol).sum())
+    if off:
+        raise ValueError(f"to_gptq_modules: the weight of {name!r} is not the one the report's codes give ({off} of "
+                         f"{w.numel()} elements differ by more than 1% of a grid step); pass the model the pass "
+                         "quantized, after the pass")
+
+
+def _check_holds(name: str, module: GPTQLinear, q: QuantizedWeight) -> None:
+    got = module.unpack()
+    expected = (q.codes, q.zero_points, q.g_idx, q.scales.to(torch.float16).float())
+    if not all(torch.equal(a.cpu(), b) for a, b in zip((got.codes, got.zero_points, got.g_idx, got.scales), expected)):
+        raise ValueError(f"to_gptq_modules: {name!r} is already a GPTQLinear, holding other codes than the report's")
+
+
 # ---- saving -------------------------------------------------------------------------------
 
-def save_gptq(model: nn.Module, path: PathLike, quantize_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def save_gptq(model: nn.Module, path: PathLike, quantize_config: Optional[Dict[str, Any]] = None, *,
+              report: Optional[PTQReport] = None) -> Dict[str, Any]:
     """Write ``model`` (with :class:`GPTQLinear` layers) as a GPTQ checkpoint folder ``path``.
 
     ``quantize_config`` may give ``bits``, ``group_size``, ``sym``,
     ``desc_act``, ``static_groups`` (the top-level settings; by default those
-    of the first quantized layer), ``checkpoint_format`` ("gptq", the
-    default, or "gptq_v2"), ``damp_percent``, ``true_sequential`` and
-    ``meta`` (a dict of anything else worth recording). Layers whose
-    settings differ from the top level get a ``"+:"`` dynamic rule; float
-    ``nn.Linear`` layers get a ``"-:"`` rule. Returns the config written.
+    of the report's spec, else of the first quantized layer),
+    ``checkpoint_format`` ("gptq", the default, or "gptq_v2"),
+    ``damp_percent``, ``true_sequential`` (by default the report's
+    ``percdamp`` and ``sequential``) and ``meta`` (a dict of anything else
+    worth recording). Layers whose settings differ from the top level get a
+    ``"+:"`` dynamic rule; float ``nn.Linear`` layers get a ``"-:"`` rule.
+    Returns the config written.
+
+    With ``report`` (of the pass that quantized ``model``), the model is
+    first converted in place by :func:`to_gptq_modules`; afterwards it
+    computes exactly what :func:`load_gptq` of the checkpoint computes.
     """
     cfg = dict(quantize_config or {})
     unknown = sorted(set(cfg) - set(_SAVE_KEYS))
     if unknown:
         raise ValueError(f"quantize_config has unknown keys {unknown}; allowed: {list(_SAVE_KEYS)} "
                          f"(put anything else under 'meta')")
+    if report is not None:
+        to_gptq_modules(model, report)
+        cfg = {**_report_settings(report), **cfg}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
     if not layers:
         raise ValueError("save_gptq: the model has no GPTQLinear layers to save")
@@ -127,6 +274,16 @@ def save_gptq(model: nn.Module, path: PathLike, quantize_config: Optional[Dict[s
     with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     return config
+
+
+def _report_settings(report: PTQReport) -> Dict[str, Any]:
+    """The checkpoint's top-level settings as the GPTQ run that made ``report`` used them."""
+    spec, config = getattr(report, "spec", None), getattr(report, "config", None)
+    if spec is None or config is None:  # not a GPTQ report: the first layer's settings
+        return {}
+    return {"bits": spec.bits, "group_size": spec.group_size if spec.granularity == "group" else -1,
+            "sym": spec.symmetric, "desc_act": config.act_order, "static_groups": config.static_groups,
+            "damp_percent": config.percdamp, "true_sequential": config.sequential}
 
 
 def _top_level_config(cfg: Dict[str, Any], first: GPTQLinear) -> Dict[str, Any]:

@@ -2,3 +2,6 @@
 #pragma once
 
 #include "torchquant/fake_quant.h"
+#include "torchquant/gptq.h"
+#include "torchquant/awq.h"
+#include "torchquant/smoothquant.h"

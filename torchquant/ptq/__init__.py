@@ -1,0 +1,31 @@
+"""Post-training quantization: passes that calibrate a trained model on a few batches.
+
+* :func:`gptq`: GPTQ weight quantization, block by block;
+* :mod:`torchquant.ptq.calibration`: the block-by-block walk the passes share
+  (:func:`calibrate_blocks` and the :class:`BlockwisePass` a pass implements);
+* :mod:`torchquant.ptq.report`: what a pass did per layer, and the integer
+  weights it produced;
+* :mod:`torchquant.ptq.packing`, :mod:`torchquant.ptq.checkpoint`: GPTQ
+  checkpoints as the GPTQ ecosystem writes and reads them;
+  :func:`to_gptq_modules` turns a GPTQ-quantized model and its report into
+  :class:`~torchquant.nn.GPTQLinear` layers, ``save_gptq(model, path,
+  report=report)`` does that and saves.
+
+Padded calibration batches are fine: the token mask of each batch (a dict
+batch's ``attention_mask`` by default) keeps padding out of every pass's
+statistics; see :func:`calibrate_blocks`.
+"""
+from torchquant.ptq.calibration import (BlockContext, BlockInput, BlockwisePass, BlockwiseRun, CalibratedLayer,
+                                        CalibrationWarning, TokenMask, calibrate_blocks, capture_block_inputs,
+                                        find_blocks, linear_layers, prepare_batches, select_tokens)
+from torchquant.ptq.checkpoint import GPTQFormatWarning, load_gptq, save_gptq, to_gptq_modules
+from torchquant.ptq.gptq import DEFAULT_EXCLUDE, GPTQConfig, GPTQReport, gptq
+from torchquant.ptq.packing import pack_int32, unpack_int32
+from torchquant.ptq.report import LayerReport, PTQReport, QuantizedWeight
+
+__all__ = [
+    "BlockContext", "BlockInput", "BlockwisePass", "BlockwiseRun", "CalibratedLayer", "CalibrationWarning",
+    "DEFAULT_EXCLUDE", "GPTQConfig", "GPTQFormatWarning", "GPTQReport", "LayerReport", "PTQReport", "QuantizedWeight",
+    "TokenMask", "calibrate_blocks", "capture_block_inputs", "find_blocks", "gptq", "linear_layers", "load_gptq",
+    "pack_int32", "prepare_batches", "save_gptq", "select_tokens", "to_gptq_modules", "unpack_int32",
+]

@@ -1,0 +1,336 @@
+"""The AWQ GEMM checkpoint layout (AutoAWQ's ``WQLinear_GEMM``) and models saved in it.
+
+For a quantized Linear layer ``<name>`` with ``in`` inputs, ``out`` outputs and
+groups of ``g`` input columns, a checkpoint holds
+
+* ``<name>.qweight``: int32 ``[in, out / 8]``. Row ``i`` holds the unsigned
+  4-bit codes ``u = code - quant_min`` of input column ``i`` for every output,
+  eight per word along the *output* dimension in AWQ's interleaved order
+  :data:`AWQ_ORDER` = (0, 2, 4, 6, 1, 3, 5, 7): bits ``[4k, 4k + 4)`` of word
+  ``j`` hold output ``8j + AWQ_ORDER[k]``. This is the order AutoAWQ's packer
+  (``WQLinear_GEMM.from_linear``) writes and its kernels and
+  ``unpack_awq`` / ``reverse_awq_order`` read (:data:`AWQ_REVERSE_ORDER` is
+  the inverse permutation).
+* ``<name>.qzeros``: int32 ``[in / g, out / 8]``, the unsigned zero-points
+  ``zero - quant_min`` packed the same way, stored as they are (GPTQ's v1
+  format stores ``zero - 1``; AWQ does not).
+* ``<name>.scales``: float16 ``[in / g, out]``.
+* ``<name>.bias``: ``[out]``, float16 as AutoAWQ writes it, if the layer has one.
+
+and ``W[o, i] = (u[i, o] - zero_u[i // g, o]) * scales[i // g, o]``.
+
+Only 4-bit codes exist in this layout (AutoAWQ refuses other widths). A 3-bit
+AWQ result stays usable inside torchquant (the AWQ ops work for any width:
+apply the scales and clips, then fake-quantize or convert) and can be stored in
+the GPTQ layout, which has 3 bits (:class:`torchquant.nn.GPTQLinear`).
+
+A saved model is a folder with ``model.safetensors`` (every parameter and
+buffer; float layers as they are) and AutoAWQ's ``quant_config.json``::
+
+    {"quant_method": "awq", "zero_point": true, "q_group_size": 128,
+     "w_bit": 4, "version": "gemm", "modules_to_not_convert": null}
+
+The file's metadata carries the same settings under ``"quantization_config"``
+in the spelling transformers puts in ``config.json`` (``"bits"``,
+``"group_size"``). ``zero_point`` is false for symmetric grids, whose stored
+zero-points are all 8. ``modules_to_not_convert`` lists the Linear layers
+left in float (readers skip every layer whose name contains an entry).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from torchquant.nn.awq_linear import AWQLinear
+from torchquant.ptq.checkpoint import _read_json, _set_submodule, _state_tensors
+
+__all__ = ["AWQ_ORDER", "AWQ_REVERSE_ORDER", "BITS", "PACK", "CONFIG_FILE", "WEIGHTS_FILE", "check_bits",
+           "pack_awq", "unpack_awq", "save_awq", "load_awq", "read_awq_config"]
+
+PathLike = Union[str, os.PathLike]
+
+BITS = 4
+PACK = 32 // BITS  # codes per int32 word
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column held by nibble k of a word
+AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(c) for c in range(PACK))  # the nibble holding column c
+
+CONFIG_FILE = "quant_config.json"
+WEIGHTS_FILE = "model.safetensors"
+_METADATA_KEY = "quantization_config"
+_CONFIG_KEYS = ("quant_method", "zero_point", "q_group_size", "group_size", "w_bit", "bits", "version",
+                "modules_to_not_convert")
+
+_SHIFTS = tuple(range(0, 32, BITS))
+_WORD = 1 << 32
+
+
+def check_bits(bits) -> None:
+    if isinstance(bits, bool) or bits != BITS:
+        raise ValueError(f"the AWQ GEMM layout holds {BITS}-bit codes only (AutoAWQ's WQLinear_GEMM), got "
+                         f"bits={bits!r}. A 3-bit AWQ result stays usable inside torchquant (apply the searched "
+                         f"scales and clips, then fake-quantize), or store it in the GPTQ layout "
+                         f"(torchquant.nn.GPTQLinear), which has 3 bits")
+
+
+def pack_awq(values: Tensor, bits: int = BITS) -> Tensor:
+    """Unsigned 4-bit codes ``[rows, cols]`` packed along the columns in AWQ order: int32 ``[rows, cols / 8]``.
+
+    ``cols`` must be a multiple of 8. Words are two's complement (bit 31 set
+    reads as negative), as in the checkpoints.
+    """
+    check_bits(bits)
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise TypeError(f"values must be an integer tensor, got {values.dtype}")
+    if values.dim() != 2 or values.shape[1] % PACK:
+        raise ValueError(f"values must be 2-D with a multiple of {PACK} columns (packed {PACK} to an int32 word), "
+                         f"got shape {list(values.shape)}")
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) > (1 << bits) - 1):
+        raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] (unsigned {bits}-bit codes), got values in "
+                         f"[{int(values.min())}, {int(values.max())}]")
+    rows, cols = values.shape
+    # Nibble k of word j takes column 8j + AWQ_ORDER[k]; int64 keeps bit 31 well defined.
+    nibbles = values.to(torch.int64).reshape(rows, cols // PACK, PACK)[..., list(AWQ_ORDER)]
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=values.device)
+    words = (nibbles << shifts).sum(dim=-1)  # disjoint bits: the sum is the bitwise or
+    return torch.where(words >= _WORD // 2, words - _WORD, words).to(torch.int32)
+
+
+def unpack_awq(words: Tensor, bits: int = BITS) -> Tensor:
+    """Inverse of :func:`pack_awq`: int32 codes ``[rows, words * 8]`` in ``[0, 15]``."""
+    check_bits(bits)
+    if not isinstance(words, Tensor):
+        raise TypeError(f"words must be a torch.Tensor, got {type(words).__name__}")
+    if words.dtype != torch.int32 or words.dim() != 2:
+        raise ValueError(f"words must be a 2-D int32 tensor (packed AWQ words), got {words.dtype} of shape "
+                         f"{list(words.shape)}")
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=words.device)
+    nibbles = (words.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)  # [rows, words, 8]: nibble k
+    return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], -1).to(torch.int32)
+
+
+# ---- saving -------------------------------------------------------------------------------
+
+def save_awq(model: nn.Module, path: PathLike, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Save ``model``, whose quantized layers are :class:`AWQLinear`, as an AWQ GEMM checkpoint folder.
+
+    Every tensor of the state dict goes into ``model.safetensors`` (float
+    layers as they are); the settings, taken from the layers, go into
+    ``quant_config.json`` and the file's metadata. AWQ has one setting for
+    the whole model, so every AWQLinear must share ``bits``, ``group_size``
+    and ``symmetric``.
+
+    ``config`` may restate those settings with AutoAWQ's keys
+    (``zero_point``, ``q_group_size`` / ``group_size``, ``w_bit`` / ``bits``,
+    ``version`` = "gemm", ``quant_method`` = "awq"), which must then agree
+    with the layers, and may give ``modules_to_not_convert``; by default that
+    lists the ``nn.Linear`` layers left in float (None if there are none).
+    Returns the config written to ``quant_config.json``.
+    """
+    cfg = dict(config or {})
+    unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"save_awq: config has unknown keys {unknown}; allowed: {list(_CONFIG_KEYS)}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, AWQLinear)}
+    if not layers:
+        raise ValueError("save_awq: the model has no AWQLinear layers to save")
+    if "" in layers:
+        raise ValueError("save_awq: the model itself is an AWQLinear; save a module that contains it")
+    settings = _shared_settings(layers)
+    _check_restated(cfg, settings)
+    float_linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+    skip = cfg.get("modules_to_not_convert", float_linears or None)
+    _check_skip_list(skip, layers, float_linears)
+
+    written = {"quant_method": "awq", "zero_point": not settings["symmetric"],
+               "q_group_size": settings["group_size"], "w_bit": settings["bits"], "version": "gemm",
+               "modules_to_not_convert": skip}
+    transformers_spelling = {"quant_method": "awq", "zero_point": written["zero_point"],
+                             "group_size": settings["group_size"], "bits": settings["bits"], "version": "gemm",
+                             "modules_to_not_convert": skip}
+    tensors = _state_tensors(model)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE),
+              metadata={"format": "pt", _METADATA_KEY: json.dumps(transformers_spelling)})
+    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps(written, indent=2) + "\n")
+    return written
+
+
+def _shared_settings(layers: Dict[str, AWQLinear]) -> Dict[str, Any]:
+    settings = None
+    for name, m in layers.items():
+        mine = {"bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric}
+        if settings is None:
+            first, settings = name, mine
+        elif mine != settings:
+            raise ValueError(f"save_awq: AWQ checkpoints have one setting for all layers, but {name!r} has {mine} "
+                             f"and {first!r} has {settings}")
+    return settings
+
+
+def _check_restated(cfg: Dict[str, Any], settings: Dict[str, Any]) -> None:
+    expected = {"quant_method": "awq", "zero_point": not settings["symmetric"], "q_group_size": settings["group_size"],
+                "group_size": settings["group_size"], "w_bit": settings["bits"], "bits": settings["bits"]}
+    for key, value in expected.items():
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"save_awq: config[{key!r}] = {cfg[key]!r} but the model's AWQLinear layers have "
+                             f"{value!r}")
+    if "version" in cfg and str(cfg["version"]).lower() != "gemm":
+        raise ValueError(f"save_awq: config['version'] = {cfg['version']!r}; only the 'gemm' layout is written")
+
+
+def _check_skip_list(skip, layers: Dict[str, AWQLinear], float_linears: List[str]) -> None:
+    """Readers skip every layer whose name contains an entry: none may hit a quantized layer."""
+    if skip is None:
+        skip = []
+    if not isinstance(skip, list) or not all(isinstance(s, str) and s for s in skip):
+        raise ValueError(f"save_awq: modules_to_not_convert must be None or a list of non-empty names, got {skip!r}")
+    for name in layers:
+        hit = [s for s in skip if s in name]
+        if hit:
+            raise ValueError(f"save_awq: modules_to_not_convert entries {hit} match the quantized layer {name!r} "
+                             f"(readers skip every layer whose name contains an entry)")
+    missed = [name for name in float_linears if not any(s in name for s in skip)]
+    if missed:
+        raise ValueError(f"save_awq: the float Linear layers {missed} are not in modules_to_not_convert; readers "
+                         f"would expect them quantized")
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def load_awq(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load an AWQ GEMM checkpoint (folder or ``.safetensors`` file) into the float ``model``, in place.
+
+    Each ``nn.Linear`` the checkpoint quantized (``<name>.qweight`` present)
+    is replaced by an :class:`AWQLinear` on the same device; then every tensor
+    is loaded, layers not quantized staying float. Tensors of weights tied to
+    a loaded one may be absent. Returns ``model`` in eval mode.
+    """
+    tensors, config = _read_checkpoint(path)
+    settings = read_awq_config(config, path)
+    if "qweight" in tensors:
+        raise ValueError(f"load_awq: {path} holds an unprefixed 'qweight'; the model root cannot be replaced")
+    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not names:
+        raise ValueError(f"load_awq: {path} has no '<layer>.qweight' tensors; it is not an AWQ checkpoint")
+    modules = dict(model.named_modules())
+    for name in names:
+        layer = _load_layer(name, modules.get(name), tensors, settings, path)
+        _set_submodule(model, name, layer)
+    _load_state(model, tensors, path)
+    return model.eval()
+
+
+def read_awq_config(config: Dict[str, Any], path: PathLike = "") -> Dict[str, Any]:
+    """``bits``, ``group_size``, ``symmetric`` and ``skip`` from an AWQ config in either spelling."""
+    where = f"the AWQ config of {path}" if path else "the AWQ config"
+    method = str(config.get("quant_method", "awq")).lower()
+    if method != "awq":
+        raise ValueError(f"{where} has quant_method {config.get('quant_method')!r}; only 'awq' is read here")
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"{where} has version {config.get('version')!r}; only the 'gemm' layout is read "
+                         f"(GEMV and Marlin pack differently)")
+    bits = config.get("w_bit", config.get("bits"))
+    if bits is None:
+        raise ValueError(f"{where} has neither 'w_bit' nor 'bits'")
+    check_bits(bits)
+    group_size = config.get("q_group_size", config.get("group_size"))
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"{where} has group size {group_size!r}; expected a positive integer or -1")
+    zero_point = config.get("zero_point", True)
+    if not isinstance(zero_point, bool):
+        raise ValueError(f"{where} has zero_point = {zero_point!r}; expected true or false")
+    skip = config.get("modules_to_not_convert") or []
+    return {"bits": bits, "group_size": group_size, "symmetric": not zero_point, "skip": list(skip)}
+
+
+def _load_layer(name: str, module: Optional[nn.Module], tensors: Dict[str, Tensor], settings: Dict[str, Any],
+                path: PathLike) -> AWQLinear:
+    if module is None:
+        raise ValueError(f"load_awq: {path} quantizes layer {name!r}, which the model does not have")
+    if not isinstance(module, (nn.Linear, AWQLinear)):
+        raise ValueError(f"load_awq: {path} quantizes {name!r}, a {type(module).__name__} in the model; only "
+                         f"nn.Linear layers can become AWQLinear")
+    skipped = [s for s in settings["skip"] if s in name]
+    if skipped:
+        raise ValueError(f"load_awq: {path} holds {name}.qweight but its config leaves {name!r} in float "
+                         f"(modules_to_not_convert {skipped})")
+    for key in ("qzeros", "scales"):
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"load_awq: {path} has {name}.qweight but no {name}.{key}")
+    layer = AWQLinear.from_packed(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
+                                  tensors.get(f"{name}.bias"), settings["group_size"], settings["bits"],
+                                  settings["symmetric"], name=name)
+    if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
+        raise ValueError(f"load_awq: {name} in {path} is {layer.in_features} -> {layer.out_features} features but "
+                         f"the model's layer is {module.in_features} -> {module.out_features}")
+    if (layer.bias is None) != (module.bias is None):
+        has = "has" if layer.bias is not None else "has no"
+        raise ValueError(f"load_awq: {path} {has} {name}.bias but the model's layer "
+                         f"{'has none' if module.bias is None else 'has one'}")
+    device = module.qweight.device if isinstance(module, AWQLinear) else module.weight.device
+    return layer.to(device)
+
+
+def _read_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """All tensors and the AWQ config: quant_config.json, else config.json's entry, else the metadata."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files, folder = _weight_files(path), path
+    elif os.path.isfile(path):
+        files, folder = [path], os.path.dirname(path)
+    else:
+        raise FileNotFoundError(f"load_awq: no checkpoint at {path}")
+    tensors: Dict[str, Tensor] = {}
+    embedded = None
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            embedded = embedded or (f.metadata() or {}).get(_METADATA_KEY)
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    config = _read_json(os.path.join(folder, CONFIG_FILE))
+    if config is None:
+        config = (_read_json(os.path.join(folder, "config.json")) or {}).get("quantization_config")
+    if config is None and embedded is not None:
+        config = json.loads(embedded)
+    if config is None:
+        raise FileNotFoundError(f"load_awq: found no AWQ config for {path} ({CONFIG_FILE}, config.json's "
+                                f"'quantization_config' or the safetensors metadata)")
+    return tensors, config
+
+
+def _weight_files(folder: str) -> List[str]:
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index = _read_json(single + ".index.json")
+    if index is not None:
+        return [os.path.join(folder, f) for f in sorted(set(index["weight_map"].values()))]
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
+    if len(found) != 1:
+        raise FileNotFoundError(f"load_awq: {folder} has no {WEIGHTS_FILE} (nor its .index.json) and {len(found)} "
+                                f"other .safetensors files; pass the file to load")
+    return found
+
+
+def _load_state(model: nn.Module, tensors: Dict[str, Tensor], path: PathLike) -> None:
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"load_awq: {path} holds tensors the model does not have: {sorted(result.unexpected_keys)}")
+    if result.missing_keys:
+        # A weight tied to one that was loaded (shared storage) is loaded already.
+        state = model.state_dict(keep_vars=True)
+        loaded = {state[k].untyped_storage().data_ptr() for k in tensors if k in state and state[k].numel()}
+        missing = [k for k in result.missing_keys if state[k].untyped_storage().data_ptr() not in loaded]
+        if missing:
+            raise ValueError(f"load_awq: {path} lacks tensors the model needs: {sorted(missing)}")
