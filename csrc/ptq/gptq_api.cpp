@@ -20,8 +20,8 @@ int64_t gptq_accumulate_hessian(at::Tensor& hessian, const at::Tensor& inputs, i
 
 GPTQResult gptq_quantize(const at::Tensor& weight, const at::Tensor& hessian, int64_t quant_min,
                          int64_t quant_max, bool symmetric, const GPTQOptions& o) {
-  using Outputs =
-      std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using T = at::Tensor;
+  using Outputs = std::tuple<T, T, T, T, T, T, T>;
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("torchquant::gptq_quantize", "")

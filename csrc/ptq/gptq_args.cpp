@@ -84,7 +84,8 @@ void check_gptq_options(
                     ": clip_max_shrink must be in [0, 1), got ", clip_max_shrink);
 }
 
-void check_gptq_values(const std::string& ctx, const at::Tensor& weight, const at::Tensor& hessian) {
+void check_gptq_values(const std::string& ctx, const at::Tensor& weight,
+                       const at::Tensor& hessian) {
   TORCH_CHECK_VALUE(at::isfinite(weight).all().item<bool>(), ctx,
                     ": weight contains NaN or Inf");
   // max |H| is NaN or Inf exactly when some entry is (the max propagates NaN).

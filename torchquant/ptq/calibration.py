@@ -474,9 +474,21 @@ def _run(block: BlockContext, before_call: Optional[Callable[[int], None]] = Non
         block._tokens.mask = None
 
 
+def _weight_input(module: nn.Module, x: Tensor) -> Tensor:
+    """What the layer's weight multiplies.
+
+    A layer scaled with nothing before it to absorb ``1 / s``
+    (:class:`~torchquant.nn.InputScaledLinear`, AWQ / SmoothQuant) divides
+    its input by its ``input_scale`` buffer inside its forward, which the
+    hooks do not see: its statistics must be those of the quotient.
+    """
+    scale = getattr(module, "input_scale", None)
+    return (x / scale).to(x.dtype) if isinstance(scale, Tensor) else x
+
+
 def _feed(layer: CalibratedLayer, tokens: _RealTokens) -> Callable[[Tensor], None]:
     def fn(x: Tensor) -> None:
-        x = tokens(layer.name, x)
+        x = tokens(layer.name, _weight_input(layer.module, x))
         rows = _rows(x)
         if rows:
             layer.rows += rows

@@ -150,6 +150,12 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"to_gptq_modules: the report quantized {name!r}, a {type(module).__name__} in the "
                              "model; only nn.Linear layers become GPTQLinear")
+        if isinstance(getattr(module, "input_scale", None), Tensor):
+            # Dropping the online division would silently change the layer's output.
+            raise ValueError(f"to_gptq_modules: {name!r} divides its input by input_scale at run time (AWQ or "
+                             "SmoothQuant scaling with no layer before it to fold into), which the GPTQ format "
+                             "cannot store; exclude such layers from the scaling pass, or keep the model in "
+                             "torchquant's own format")
         if tuple(module.weight.shape) != tuple(q.unsigned_codes.shape):
             raise ValueError(f"to_gptq_modules: {name!r} has weight shape {list(module.weight.shape)} but the "
                              f"report's codes are {list(q.unsigned_codes.shape)}")
