@@ -87,6 +87,7 @@ demo: extension
 
 bench: extension
 	$(PY) benchmarks/bench_fake_quant.py
+	$(PY) benchmarks/bench_gptq.py
 
 test: test-python test-cpp
 
