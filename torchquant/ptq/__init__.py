@@ -29,3 +29,15 @@ __all__ = [
     "TokenMask", "calibrate_blocks", "capture_block_inputs", "find_blocks", "gptq", "linear_layers", "load_gptq",
     "pack_int32", "prepare_batches", "save_gptq", "select_tokens", "to_gptq_modules", "unpack_int32",
 ]
+
+# AWQ: the driver, AWQ followed by GPTQ, and AutoAWQ's GEMM checkpoints.
+from torchquant.ptq.awq import AWQConfig, AWQGroup, AWQReport, AWQThenGPTQ, awq, awq_then_gptq, to_awq_modules
+from torchquant.ptq.awq_format import load_awq, save_awq
+
+__all__ += ["AWQConfig", "AWQGroup", "AWQReport", "AWQThenGPTQ", "awq", "awq_then_gptq", "load_awq", "save_awq",
+            "to_awq_modules"]
+
+# SmoothQuant: input-channel smoothing, then W8A8 layers.
+from torchquant.ptq.smoothquant import SmoothQuantConfig, SmoothQuantReport, quantize_w8a8, smoothquant
+
+__all__ += ["SmoothQuantConfig", "SmoothQuantReport", "quantize_w8a8", "smoothquant"]
