@@ -88,6 +88,7 @@ demo: extension
 bench: extension
 	$(PY) benchmarks/bench_fake_quant.py
 	$(PY) benchmarks/bench_gptq.py
+	$(PY) benchmarks/bench_awq_smoothquant.py
 
 test: test-python test-cpp
 

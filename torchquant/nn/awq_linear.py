@@ -23,11 +23,13 @@ holds 4-bit codes only; other widths are refused with an error.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from torchquant.nn.packed_linear import (PackedLinear, check_packed_tensors, check_tensor, is_int,
+                                         unsigned_zero_points)
 
 __all__ = ["AWQLinear", "AWQCodes"]
 
@@ -49,21 +51,6 @@ def _format():
     return awq_format
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_tensor(t, name: str, shape: Optional[Tuple[int, ...]] = None, integer: Optional[bool] = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if integer is True and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if integer is False and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-
-
 def _check_fp16_range(t: Tensor, name: str, positive: bool) -> None:
     """Finite, representable in float16 (the format's dtype) and, for scales, positive."""
     f = t.float()
@@ -74,7 +61,7 @@ def _check_fp16_range(t: Tensor, name: str, positive: bool) -> None:
                          f"[{f.min().item():.3g}, {f.max().item():.3g}]")
 
 
-class AWQLinear(nn.Module):
+class AWQLinear(PackedLinear):
     """``y = x W^T + b`` with ``W`` dequantized from AWQ GEMM buffers (see the module docstring).
 
     Build one with :meth:`from_codes` (from integer codes and grids) or
@@ -101,19 +88,19 @@ class AWQLinear(nn.Module):
         super().__init__()
         _format().check_bits(bits)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if out_features % _format().PACK:
             raise ValueError(f"out_features must be a multiple of {_format().PACK} for an AWQ layer (qweight packs "
                              f"{_format().PACK} output columns per int32 word), got {out_features}")
         if group_size is None or group_size == -1:
             group_size = -1
-        elif not _is_int(group_size) or group_size <= 0 or in_features % group_size:
+        elif not is_int(group_size) or group_size <= 0 or in_features % group_size:
             raise ValueError(f"group_size must be a positive divisor of in_features = {in_features}, or -1 / None "
                              f"for one group per row, got {group_size!r}")
         if quant_min is None:
             quant_min = -(1 << (bits - 1)) if symmetric else 0
-        if not _is_int(quant_min):
+        if not is_int(quant_min):
             raise TypeError(f"quant_min must be an integer, got {quant_min!r}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size, self.symmetric, self.quant_min = group_size, bool(symmetric), quant_min
@@ -122,7 +109,6 @@ class AWQLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(self.n_groups, words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(self.n_groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
-        self._cache: Optional[Tuple[tuple, Tensor, Optional[Tensor]]] = None
 
     @property
     def group_columns(self) -> int:
@@ -132,10 +118,6 @@ class AWQLinear(nn.Module):
     @property
     def n_groups(self) -> int:
         return self.in_features // self.group_columns
-
-    @property
-    def quant_max(self) -> int:
-        return self.quant_min + (1 << self.bits) - 1
 
     @property
     def symmetric_zero(self) -> int:
@@ -161,12 +143,12 @@ class AWQLinear(nn.Module):
                 config's ``zero_point: false``).
             bits: 4.
         """
-        _check_tensor(codes, "codes", integer=True)
+        check_tensor(codes, "codes", integer=True)
         if codes.dim() != 2:
             raise ValueError(f"codes must be 2-D [out_features, in_features], got shape {list(codes.shape)}")
         for name, t in (("scales", scales), ("zero_points", zero_points), ("bias", bias)):
             if t is not None:
-                _check_tensor(t, name)
+                check_tensor(t, name)
                 if t.device != codes.device:
                     raise ValueError(f"{name} is on {t.device} but codes are on {codes.device}")
         out_features, in_features = codes.shape
@@ -176,21 +158,15 @@ class AWQLinear(nn.Module):
         if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
             raise ValueError(f"codes must lie in [quant_min, quant_min + 15] = [{qmin}, {qmax}], got values in "
                              f"[{int(codes.min())}, {int(codes.max())}]")
-        _check_tensor(scales, "scales", (out_features, n_groups), integer=False)
+        check_tensor(scales, "scales", (out_features, n_groups), integer=False)
         _check_fp16_range(scales, "scales", positive=True)
-        _check_tensor(zero_points, "zero_points", (out_features, n_groups))
-        z = zero_points.double()
-        if not bool(torch.isfinite(z).all()) or not bool((z == z.round()).all()):
-            raise ValueError("zero_points must hold integers (the code-domain zero-point of each group)")
-        if float(z.min()) < qmin or float(z.max()) > qmax:
-            raise ValueError(f"zero_points must lie in [{qmin}, {qmax}], got values in "
-                             f"[{float(z.min()):g}, {float(z.max()):g}]")
-        zero_u = (z - qmin).to(torch.int32)
+        check_tensor(zero_points, "zero_points", (out_features, n_groups))
+        zero_u = unsigned_zero_points(zero_points, qmin, qmax)
         if layer.symmetric and not bool((zero_u == layer.symmetric_zero).all()):
             raise ValueError(f"zero_points of a symmetric layer must all be {layer.symmetric_zero + qmin} (unsigned "
                              f"{layer.symmetric_zero}); pass symmetric=False for an asymmetric grid")
         if bias is not None:
-            _check_tensor(bias, "bias", (out_features,), integer=False)
+            check_tensor(bias, "bias", (out_features,), integer=False)
             _check_fp16_range(bias, "bias", positive=False)
         fmt = _format()
         layer.qweight = fmt.pack_awq((codes.to(torch.int32) - qmin).t(), bits)
@@ -212,22 +188,17 @@ class AWQLinear(nn.Module):
         """
         p = f"{name}." if name else ""
         _format().check_bits(bits)
-        expected = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16}
-        for key, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-            _check_tensor(t, p + key)
-            if t.dtype != expected[key] or t.dim() != 2:
-                raise ValueError(f"{p}{key} must be a 2-D {expected[key]} tensor, got {t.dtype} of shape "
-                                 f"{list(t.shape)}")
+        check_packed_tensors(qweight, qzeros, scales, p)
         in_features, words = qweight.shape
-        if _is_int(group_size) and group_size > 0 and in_features % group_size:
+        if is_int(group_size) and group_size > 0 and in_features % group_size:
             raise ValueError(f"{p}qweight has {in_features} input rows, not a multiple of group_size = {group_size}")
         layer = cls(in_features, words * _format().PACK, group_size, bias=bias is not None, bits=bits,
                     symmetric=symmetric, device=qweight.device)
-        _check_tensor(qzeros, p + "qzeros", tuple(layer.qzeros.shape))
-        _check_tensor(scales, p + "scales", tuple(layer.scales.shape))
+        check_tensor(qzeros, p + "qzeros", tuple(layer.qzeros.shape))
+        check_tensor(scales, p + "scales", tuple(layer.scales.shape))
         _check_fp16_range(scales, p + "scales", positive=True)
         if bias is not None:
-            _check_tensor(bias, p + "bias", (layer.out_features,), integer=False)
+            check_tensor(bias, p + "bias", (layer.out_features,), integer=False)
         for key, t in (("qzeros", qzeros), ("scales", scales), ("bias", bias)):
             if t is not None and t.device != qweight.device:
                 raise ValueError(f"{p}{key} is on {t.device} but {p}qweight is on {qweight.device}")
@@ -263,38 +234,3 @@ class AWQLinear(nn.Module):
         # Exact in float32 (see the module docstring), then one rounding to dtype.
         w = (u - zero_u).float() * self.scales.float().repeat_interleave(g, dim=0)
         return w.t().contiguous().to(dtype)
-
-    def clear_cache(self) -> None:
-        """Drop the cached dequantized weight (after editing a buffer in place)."""
-        self._cache = None
-
-    def _weight_and_bias(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        # A weight made under inference_mode cannot be saved for a backward, so that mode is part of the key.
-        key = (x.dtype, self.qweight.device, torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            self._cache = (key, self.dequantized_weight(x.dtype), bias)
-        return self._cache[1], self._cache[2]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"AWQLinear expects a floating-point input, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"AWQLinear expects inputs [..., {self.in_features}], got shape {list(x.shape)}")
-        weight, bias = self._weight_and_bias(x)
-        return F.linear(x, weight, bias)
-
-    # ---- nn.Module plumbing --------------------------------------------------------------
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.clear_cache()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        gs = "none" if self.group_size == -1 else self.group_size
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={gs}, symmetric={self.symmetric}, bias={self.bias is not None}")

@@ -32,11 +32,13 @@ would misread.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from torchquant.nn.packed_linear import (PackedLinear, check_packed_tensors, check_tensor, is_int,
+                                         unsigned_zero_points)
 
 __all__ = ["GPTQLinear", "GPTQCodes"]
 
@@ -61,19 +63,15 @@ def _packing():
 
 def _check_bits(bits) -> None:
     supported = _packing().SUPPORTED_BITS
-    if not _is_int(bits) or bits not in supported:
+    if not is_int(bits) or bits not in supported:
         raise ValueError(f"bits must be one of {supported} for a GPTQ layer, got {bits!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _normalize_group_size(group_size: Optional[int], in_features: int) -> int:
     """-1 (the checkpoint's spelling of "one group per row") or a positive divisor of ``in_features``."""
     if group_size is None or group_size == -1:
         return -1
-    if not _is_int(group_size) or group_size <= 0:
+    if not is_int(group_size) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer, -1 or None (one group per row), got {group_size!r}")
     if in_features % group_size:
         raise ValueError(f"group_size = {group_size} must divide in_features = {in_features}: GPTQ checkpoints hold "
@@ -85,19 +83,8 @@ def _check_features(in_features: int, out_features: int) -> None:
     for name, value, why in (
             ("in_features", in_features, "qweight has in_features // 32 * bits rows"),
             ("out_features", out_features, "qzeros has out_features // 32 * bits columns")):
-        if not _is_int(value) or value <= 0 or value % 32:
+        if not is_int(value) or value <= 0 or value % 32:
             raise ValueError(f"{name} must be a positive multiple of 32 for a GPTQ layer ({why}), got {value!r}")
-
-
-def _check_tensor(t, name: str, shape: Optional[Tuple[int, ...]] = None, integer: Optional[bool] = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if integer is True and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if integer is False and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
 def _check_scales(scales: Tensor, name: str) -> None:
@@ -113,7 +100,7 @@ def _check_scales(scales: Tensor, name: str) -> None:
 
 
 def _check_g_idx(g_idx: Tensor, name: str, in_features: int, n_groups: int, group_size: int, desc_act: bool) -> None:
-    _check_tensor(g_idx, name, (in_features,), integer=True)
+    check_tensor(g_idx, name, (in_features,), integer=True)
     lo, hi = int(g_idx.min()), int(g_idx.max())
     if lo < 0 or hi >= n_groups:
         raise ValueError(f"{name} must hold group indices in [0, {n_groups - 1}], got values in [{lo}, {hi}]")
@@ -140,7 +127,7 @@ def _check_symmetric_zeros(zero_u: Tensor, bits: int, name: str) -> None:
                          f"[{int(zero_u.min())}, {int(zero_u.max())}]. Pass symmetric=False for an asymmetric grid")
 
 
-class GPTQLinear(nn.Module):
+class GPTQLinear(PackedLinear):
     """``y = x W^T + b`` with ``W`` dequantized from GPTQ codes (see the module docstring).
 
     Build one with :meth:`from_codes` (from the GPTQ op's outputs) or
@@ -163,7 +150,7 @@ class GPTQLinear(nn.Module):
         self.symmetric, self.desc_act, self.static_groups = bool(symmetric), bool(desc_act), bool(static_groups)
         if quant_min is None:
             quant_min = -(1 << (bits - 1)) if symmetric else 0
-        if not _is_int(quant_min):
+        if not is_int(quant_min):
             raise TypeError(f"quant_min must be an integer, got {quant_min!r}")
         self.quant_min = quant_min
         n_groups = self.n_groups
@@ -174,15 +161,10 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", _trivial_g_idx(in_features, self.group_size, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
-        self._cache: Optional[Tuple[tuple, Tensor, Optional[Tensor]]] = None
 
     @property
     def n_groups(self) -> int:
         return 1 if self.group_size == -1 else self.in_features // self.group_size
-
-    @property
-    def quant_max(self) -> int:
-        return self.quant_min + (1 << self.bits) - 1
 
     # ---- construction --------------------------------------------------------------------
 
@@ -206,10 +188,10 @@ class GPTQLinear(nn.Module):
             desc_act: the layer was quantized in act-order (``g_idx`` arbitrary).
             static_groups: groups were fixed before act-order (recorded only).
         """
-        _check_tensor(codes, "codes", integer=True)
+        check_tensor(codes, "codes", integer=True)
         named = [("scales", scales), ("zero_points", zero_points), ("g_idx", g_idx)]
         for name, t in named + ([("bias", bias)] if bias is not None else []):
-            _check_tensor(t, name)
+            check_tensor(t, name)
             if t.device != codes.device:
                 raise ValueError(f"{name} is on {t.device} but codes are on {codes.device}")
         if codes.dim() != 2:
@@ -223,21 +205,15 @@ class GPTQLinear(nn.Module):
         if lo < qmin or hi > qmax:
             raise ValueError(f"codes must lie in [quant_min, quant_min + 2^bits - 1] = [{qmin}, {qmax}], "
                              f"got values in [{lo}, {hi}]")
-        _check_tensor(scales, "scales", (out_features, n_groups), integer=False)
+        check_tensor(scales, "scales", (out_features, n_groups), integer=False)
         _check_scales(scales, "scales")
-        _check_tensor(zero_points, "zero_points", (out_features, n_groups))
-        z = zero_points.double()
-        if not bool(torch.isfinite(z).all()) or not bool((z == z.round()).all()):
-            raise ValueError("zero_points must hold integers (the code-domain zero-point of each group)")
-        if float(z.min()) < qmin or float(z.max()) > qmax:
-            raise ValueError(f"zero_points must lie in [{qmin}, {qmax}], got values in "
-                             f"[{float(z.min()):g}, {float(z.max()):g}]")
-        zero_u = (z - qmin).to(torch.int32)
+        check_tensor(zero_points, "zero_points", (out_features, n_groups))
+        zero_u = unsigned_zero_points(zero_points, qmin, qmax)
         if layer.symmetric:
             _check_symmetric_zeros(zero_u, bits, "zero_points")
         _check_g_idx(g_idx, "g_idx", in_features, n_groups, layer.group_size, layer.desc_act)
         if bias is not None:
-            _check_tensor(bias, "bias", (out_features,), integer=False)
+            check_tensor(bias, "bias", (out_features,), integer=False)
             _check_fp16(bias, "bias")
 
         layer.qweight = _packing().pack_int32((codes - qmin).t(), bits, dim=0)
@@ -260,20 +236,15 @@ class GPTQLinear(nn.Module):
         """
         p = f"{name}." if name else ""
         _check_bits(bits)
-        expected = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16}
-        for key, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-            _check_tensor(t, p + key)
-            if t.dtype != expected[key] or t.dim() != 2:
-                raise ValueError(f"{p}{key} must be a 2-D {expected[key]} tensor, got {t.dtype} of shape "
-                                 f"{list(t.shape)}")
+        check_packed_tensors(qweight, qzeros, scales, p)
         rows, out_features = qweight.shape
         if rows * 32 % bits:
             raise ValueError(f"{p}qweight has {rows} rows, not a whole number of {bits}-bit input columns")
         in_features = rows * 32 // bits
         layer = cls(in_features, out_features, bits, group_size, bias=bias is not None, symmetric=symmetric,
                     desc_act=desc_act, static_groups=static_groups, device=qweight.device)
-        _check_tensor(qzeros, p + "qzeros", tuple(layer.qzeros.shape))
-        _check_tensor(scales, p + "scales", tuple(layer.scales.shape))
+        check_tensor(qzeros, p + "qzeros", tuple(layer.qzeros.shape))
+        check_tensor(scales, p + "scales", tuple(layer.scales.shape))
         _check_scales(scales, p + "scales")
         if g_idx is None:
             g_idx = _trivial_g_idx(in_features, layer.group_size, qweight.device)
@@ -281,7 +252,7 @@ class GPTQLinear(nn.Module):
         if layer.symmetric:
             _check_symmetric_zeros(_packing().unpack_int32(qzeros, bits, dim=1), bits, p + "qzeros")
         if bias is not None:
-            _check_tensor(bias, p + "bias", (out_features,), integer=False)
+            check_tensor(bias, p + "bias", (out_features,), integer=False)
         for key, t in (("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx), ("bias", bias)):
             if t is not None and t.device != qweight.device:
                 raise ValueError(f"{p}{key} is on {t.device} but {p}qweight is on {qweight.device}")
@@ -311,41 +282,8 @@ class GPTQLinear(nn.Module):
         w = (u - zero_u[g]).float() * self.scales.float()[g]
         return w.t().contiguous().to(dtype)
 
-    def clear_cache(self) -> None:
-        """Drop the cached dequantized weight (after editing a buffer in place)."""
-        self._cache = None
-
-    def _weight_and_bias(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        # A weight made under inference_mode cannot be saved for a backward, so that mode is part of the key.
-        key = (x.dtype, self.qweight.device, torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            self._cache = (key, self.dequantized_weight(x.dtype), bias)
-        return self._cache[1], self._cache[2]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"GPTQLinear expects a floating-point input, got {x.dtype}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"GPTQLinear expects inputs [..., {self.in_features}], got shape {list(x.shape)}")
-        weight, bias = self._weight_and_bias(x)
-        return F.linear(x, weight, bias)
-
-    # ---- nn.Module plumbing --------------------------------------------------------------
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.clear_cache()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        gs = "none" if self.group_size == -1 else self.group_size
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={gs}, symmetric={self.symmetric}, desc_act={self.desc_act}, "
-                f"static_groups={self.static_groups}, bias={self.bias is not None}")
+    def _extra_settings(self) -> str:
+        return f", desc_act={self.desc_act}, static_groups={self.static_groups}"
 
 
 def _check_fp16(t: Tensor, name: str) -> None:

@@ -72,11 +72,12 @@ from torchquant.ptq import scaling
 from torchquant.ptq.awq_format import BITS as AWQ_FORMAT_BITS
 from torchquant.ptq.awq_format import PACK as AWQ_FORMAT_PACK
 from torchquant.ptq.calibration import (BlockContext, BlockwisePass, CalibratedLayer, Device, TokenMask,
-                                        calibrate_blocks, linear_layers)
-from torchquant.ptq.checkpoint import _set_submodule
-from torchquant.ptq.gptq import DEFAULT_EXCLUDE, GPTQReport, _check_group_size, _patterns, gptq
-from torchquant.ptq.report import (EXCLUDED, NO_CALIBRATION_TOKENS, OUTSIDE_BLOCKS, QUANTIZED, LayerReport,
-                                   PTQReport, QuantizedWeight)
+                                        calibrate_blocks)
+from torchquant.ptq.convert import check_holds_codes, check_weight_is_result, report_layers, set_submodule
+from torchquant.ptq.gptq import GPTQReport, gptq
+from torchquant.ptq.options import (DEFAULT_EXCLUDE, check_group_size, exclude_patterns, is_excluded, is_int,
+                                    is_number, layer_rows)
+from torchquant.ptq.report import NO_CALIBRATION_TOKENS, QUANTIZED, LayerReport, PTQReport, QuantizedWeight
 from torchquant.spec import QuantSpec
 
 __all__ = ["awq", "awq_then_gptq", "to_awq_modules", "AWQConfig", "AWQReport", "AWQGroup", "AWQThenGPTQ", "NO_CLIP",
@@ -88,14 +89,6 @@ SUPPORTED_BITS = (3, 4)
 NO_CLIP: Tuple[str, ...] = ("q_proj", "k_proj", "query", "key", "qkv_proj", "Wqkv")
 # Status of a layer scaled (and clipped) but left in float (apply_quantization=False).
 SCALED = "scaled: float weights (apply_quantization=False)"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -115,21 +108,19 @@ class AWQConfig:
     def __post_init__(self) -> None:
         for name in ("grid", "clip_steps", "max_clip_tokens", "max_tokens"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("duo_scaling", "clip", "apply_quantization"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_number(self.clip_max_shrink) or not 0.0 < self.clip_max_shrink < 1.0:
+        if not is_number(self.clip_max_shrink) or not 0.0 < self.clip_max_shrink < 1.0:
             raise ValueError(f"clip_max_shrink must be in (0, 1) (the largest fraction a range is shrunk by), "
                              f"got {self.clip_max_shrink!r}")
-        object.__setattr__(self, "exclude", _patterns(self.exclude))
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
 
     def is_excluded(self, name: str) -> bool:
         """Whether ``name`` or a module containing it matches a pattern of ``exclude``."""
-        parts = name.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        return any(fnmatch.fnmatchcase(p, pattern) for p in prefixes for pattern in self.exclude)
+        return is_excluded(name, self.exclude)
 
 
 @dataclass
@@ -441,20 +432,11 @@ def awq(model: nn.Module, calibration_batches: Iterable, spec: QuantSpec, *, gri
     config = AWQConfig(grid, duo_scaling, clip, clip_steps, clip_max_shrink, max_clip_tokens, max_tokens,
                        apply_quantization, exclude)
     pass_ = _AWQPass(model, spec, config)
-    _check_group_size(model, blocks, pass_)
+    check_group_size(model, blocks, pass_, pass_.group_size)
     start = time.perf_counter()
     run = calibrate_blocks(model, calibration_batches, pass_, blocks=blocks, device=device, sequential=True,
                            token_mask=token_mask, progress=progress, desc="AWQ")
-    outside = set(run.outside)
-    layers = []
-    for name, module in linear_layers(model):
-        if name in pass_.reports:
-            layers.append(pass_.reports[name])
-        else:
-            status = EXCLUDED if config.is_excluded(name) else OUTSIDE_BLOCKS if name in outside else None
-            if status is None:  # a selected layer the walk neither processed nor skipped: a bug, not a user error
-                raise RuntimeError(f"awq: layer {name!r} was neither processed nor skipped")
-            layers.append(LayerReport(name, tuple(module.weight.shape), status))
+    layers = layer_rows(model, pass_.reports, run.outside, config.is_excluded, "awq", "processed")
     return AWQReport("AWQ", layers, blocks=run.blocks, num_blocks=run.num_blocks,
                      seconds=time.perf_counter() - start, results=pass_.results, spec=spec, config=config,
                      groups=pass_.groups)
@@ -561,23 +543,14 @@ def to_awq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
     already are the AWQLinear of their codes are left as they are.
     Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(report, PTQReport):
-        raise TypeError(f"report must be the PTQReport of a post-training pass (torchquant.ptq.awq(...)), got "
-                        f"{type(report).__name__}")
-    if not report.results:
-        raise ValueError(f"to_awq_modules: the {report.method} report holds no quantized weights (report.results is "
-                         "empty; awq(..., apply_quantization=False) leaves float weights)")
-    modules = dict(model.named_modules())
+    layers = report_layers(model, report, "to_awq_modules", "torchquant.ptq.awq(...)",
+                           "; awq(..., apply_quantization=False) leaves float weights")
     built: Dict[str, AWQLinear] = {}
-    for name, q in report.results.items():
-        module = modules.get(name)
-        if module is None or name == "":
-            raise ValueError(f"to_awq_modules: the report quantized layer {name!r}, which the model does not have as "
-                             "a submodule; pass the model the report was made on")
+    for name, module, q in layers:
         if isinstance(module, AWQLinear):
-            _check_awq_layer_holds(name, module, q)
+            got = module.unpack()
+            check_holds_codes((got.codes, got.zero_points, got.scales), q,
+                              f"to_awq_modules: {name!r} is already an AWQLinear")
             continue
         _check_convertible(name, module, q)
         bias = None if module.bias is None else module.bias.detach()
@@ -588,7 +561,7 @@ def to_awq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
         except ValueError as error:  # what float16 cannot hold (scales, bias)
             raise ValueError(f"to_awq_modules: layer {name!r}: {error}") from None
     for name, layer in built.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 
@@ -613,18 +586,4 @@ def _check_convertible(name: str, module: nn.Module, q: QuantizedWeight) -> None
     if tuple(module.weight.shape) != tuple(q.unsigned_codes.shape):
         raise ValueError(f"{where} has weight shape {list(module.weight.shape)} but the report's codes are "
                          f"{list(q.unsigned_codes.shape)}")
-    w = module.weight.detach().float()
-    dq = q.dequantize().to(w.device)
-    # A hundredth of a grid step: an unquantized weight sits up to half a step away.
-    tol = 0.01 * q.scales[:, q.g_idx.long()].to(w.device) + torch.finfo(module.weight.dtype).eps * dq.abs()
-    off = int(((w - dq).abs() > tol).sum())
-    if off:
-        raise ValueError(f"{where}: its weight is not the one the report's codes give ({off} of {w.numel()} elements "
-                         "differ by more than 1% of a grid step); pass the model the pass quantized, after the pass")
-
-
-def _check_awq_layer_holds(name: str, module: AWQLinear, q: QuantizedWeight) -> None:
-    got = module.unpack()
-    expected = (q.codes, q.zero_points, q.scales.to(torch.float16).float())
-    if not all(torch.equal(a.cpu(), b) for a, b in zip((got.codes, got.zero_points, got.scales), expected)):
-        raise ValueError(f"to_awq_modules: {name!r} is already an AWQLinear, holding other codes than the report's")
+    check_weight_is_result(module.weight, q, f"{where}: its weight")

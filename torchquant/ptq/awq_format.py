@@ -38,23 +38,19 @@ left in float (readers skip every layer whose name contains an entry).
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from torchquant.nn.awq_linear import AWQLinear
-from torchquant.ptq.checkpoint import _read_json, _set_submodule, _state_tensors
+from torchquant.ptq.convert import check_layer_tensors, check_load_target, place_like, set_submodule
+from torchquant.ptq.safetensors_io import (WEIGHTS_FILE, PathLike, load_state, read_checkpoint, state_tensors,
+                                           write_folder)
 
 __all__ = ["AWQ_ORDER", "AWQ_REVERSE_ORDER", "BITS", "PACK", "CONFIG_FILE", "WEIGHTS_FILE", "check_bits",
            "pack_awq", "unpack_awq", "save_awq", "load_awq", "read_awq_config"]
-
-PathLike = Union[str, os.PathLike]
 
 BITS = 4
 PACK = 32 // BITS  # codes per int32 word
@@ -62,7 +58,6 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column held by nibble k of a word
 AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(c) for c in range(PACK))  # the nibble holding column c
 
 CONFIG_FILE = "quant_config.json"
-WEIGHTS_FILE = "model.safetensors"
 _METADATA_KEY = "quantization_config"
 _CONFIG_KEYS = ("quant_method", "zero_point", "q_group_size", "group_size", "w_bit", "bits", "version",
                 "modules_to_not_convert")
@@ -156,12 +151,8 @@ def save_awq(model: nn.Module, path: PathLike, config: Optional[Dict[str, Any]] 
     transformers_spelling = {"quant_method": "awq", "zero_point": written["zero_point"],
                              "group_size": settings["group_size"], "bits": settings["bits"], "version": "gemm",
                              "modules_to_not_convert": skip}
-    tensors = _state_tensors(model)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE),
-              metadata={"format": "pt", _METADATA_KEY: json.dumps(transformers_spelling)})
-    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(json.dumps(written, indent=2) + "\n")
+    write_folder(path, state_tensors(model), _METADATA_KEY, json.dumps(transformers_spelling), CONFIG_FILE,
+                 json.dumps(written, indent=2))
     return written
 
 
@@ -215,7 +206,7 @@ def load_awq(model: nn.Module, path: PathLike) -> nn.Module:
     is loaded, layers not quantized staying float. Tensors of weights tied to
     a loaded one may be absent. Returns ``model`` in eval mode.
     """
-    tensors, config = _read_checkpoint(path)
+    tensors, config = read_checkpoint(path, CONFIG_FILE, _METADATA_KEY, "load_awq", "AWQ config")
     settings = read_awq_config(config, path)
     if "qweight" in tensors:
         raise ValueError(f"load_awq: {path} holds an unprefixed 'qweight'; the model root cannot be replaced")
@@ -225,8 +216,8 @@ def load_awq(model: nn.Module, path: PathLike) -> nn.Module:
     modules = dict(model.named_modules())
     for name in names:
         layer = _load_layer(name, modules.get(name), tensors, settings, path)
-        _set_submodule(model, name, layer)
-    _load_state(model, tensors, path)
+        set_submodule(model, name, layer)
+    load_state(model, tensors, path, "load_awq")
     return model.eval()
 
 
@@ -256,81 +247,16 @@ def read_awq_config(config: Dict[str, Any], path: PathLike = "") -> Dict[str, An
 
 def _load_layer(name: str, module: Optional[nn.Module], tensors: Dict[str, Tensor], settings: Dict[str, Any],
                 path: PathLike) -> AWQLinear:
-    if module is None:
-        raise ValueError(f"load_awq: {path} quantizes layer {name!r}, which the model does not have")
-    if not isinstance(module, (nn.Linear, AWQLinear)):
-        raise ValueError(f"load_awq: {path} quantizes {name!r}, a {type(module).__name__} in the model; only "
-                         f"nn.Linear layers can become AWQLinear")
+    check_load_target(name, module, AWQLinear, path, "load_awq")
     skipped = [s for s in settings["skip"] if s in name]
     if skipped:
         raise ValueError(f"load_awq: {path} holds {name}.qweight but its config leaves {name!r} in float "
                          f"(modules_to_not_convert {skipped})")
-    for key in ("qzeros", "scales"):
-        if f"{name}.{key}" not in tensors:
-            raise ValueError(f"load_awq: {path} has {name}.qweight but no {name}.{key}")
+    check_layer_tensors(tensors, name, ("qzeros", "scales"), path, "load_awq")
     layer = AWQLinear.from_packed(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"],
                                   tensors.get(f"{name}.bias"), settings["group_size"], settings["bits"],
                                   settings["symmetric"], name=name)
     if (layer.in_features, layer.out_features) != (module.in_features, module.out_features):
         raise ValueError(f"load_awq: {name} in {path} is {layer.in_features} -> {layer.out_features} features but "
                          f"the model's layer is {module.in_features} -> {module.out_features}")
-    if (layer.bias is None) != (module.bias is None):
-        has = "has" if layer.bias is not None else "has no"
-        raise ValueError(f"load_awq: {path} {has} {name}.bias but the model's layer "
-                         f"{'has none' if module.bias is None else 'has one'}")
-    device = module.qweight.device if isinstance(module, AWQLinear) else module.weight.device
-    return layer.to(device)
-
-
-def _read_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """All tensors and the AWQ config: quant_config.json, else config.json's entry, else the metadata."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files, folder = _weight_files(path), path
-    elif os.path.isfile(path):
-        files, folder = [path], os.path.dirname(path)
-    else:
-        raise FileNotFoundError(f"load_awq: no checkpoint at {path}")
-    tensors: Dict[str, Tensor] = {}
-    embedded = None
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            embedded = embedded or (f.metadata() or {}).get(_METADATA_KEY)
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    config = _read_json(os.path.join(folder, CONFIG_FILE))
-    if config is None:
-        config = (_read_json(os.path.join(folder, "config.json")) or {}).get("quantization_config")
-    if config is None and embedded is not None:
-        config = json.loads(embedded)
-    if config is None:
-        raise FileNotFoundError(f"load_awq: found no AWQ config for {path} ({CONFIG_FILE}, config.json's "
-                                f"'quantization_config' or the safetensors metadata)")
-    return tensors, config
-
-
-def _weight_files(folder: str) -> List[str]:
-    single = os.path.join(folder, WEIGHTS_FILE)
-    if os.path.isfile(single):
-        return [single]
-    index = _read_json(single + ".index.json")
-    if index is not None:
-        return [os.path.join(folder, f) for f in sorted(set(index["weight_map"].values()))]
-    found = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
-    if len(found) != 1:
-        raise FileNotFoundError(f"load_awq: {folder} has no {WEIGHTS_FILE} (nor its .index.json) and {len(found)} "
-                                f"other .safetensors files; pass the file to load")
-    return found
-
-
-def _load_state(model: nn.Module, tensors: Dict[str, Tensor], path: PathLike) -> None:
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"load_awq: {path} holds tensors the model does not have: {sorted(result.unexpected_keys)}")
-    if result.missing_keys:
-        # A weight tied to one that was loaded (shared storage) is loaded already.
-        state = model.state_dict(keep_vars=True)
-        loaded = {state[k].untyped_storage().data_ptr() for k in tensors if k in state and state[k].numel()}
-        missing = [k for k in result.missing_keys if state[k].untyped_storage().data_ptr() not in loaded]
-        if missing:
-            raise ValueError(f"load_awq: {path} lacks tensors the model needs: {sorted(missing)}")
+    return place_like(layer, module, name, path, "load_awq")

@@ -43,35 +43,32 @@ converted model exactly: :func:`load_gptq` reproduces its outputs bit for bit.
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from torchquant.nn.gptq_linear import GPTQLinear
 from torchquant.ptq.packing import SUPPORTED_BITS, pack_int32, unpack_int32
+from torchquant.ptq.convert import (check_holds_codes, check_layer_tensors, check_load_target, check_weight_is_result,
+                                    place_like, report_layers, set_submodule)
 from torchquant.ptq.report import PTQReport, QuantizedWeight
+from torchquant.ptq.safetensors_io import (WEIGHTS_FILE, PathLike, load_state, read_checkpoint, state_tensors,
+                                           write_folder)
 
 __all__ = ["save_gptq", "load_gptq", "to_gptq_modules", "GPTQFormatWarning", "qzeros_to_v1", "qzeros_from_v1",
            "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "quantize_config.json"
-WEIGHTS_FILE = "model.safetensors"
 _METADATA_KEY = "quantize_config"
 _FORMATS = ("gptq", "gptq_v2")
 # Settings a "+:" dynamic rule may override, with the GPTQLinear attribute each one is.
 _LAYER_SETTINGS = {"bits": "bits", "group_size": "group_size", "sym": "symmetric", "desc_act": "desc_act"}
 _SAVE_KEYS = ("bits", "group_size", "desc_act", "static_groups", "sym", "checkpoint_format", "damp_percent",
               "true_sequential", "quant_method", "meta")
-
-PathLike = Union[str, os.PathLike]
 
 
 # ---- zero-point conventions ---------------------------------------------------------------
@@ -128,24 +125,14 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
 
     Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(report, PTQReport):
-        raise TypeError(f"report must be the PTQReport of a post-training pass (torchquant.ptq.gptq(...)), got "
-                        f"{type(report).__name__}")
-    if not report.results:
-        raise ValueError(f"to_gptq_modules: the {report.method} report holds no quantized weights "
-                         "(report.results is empty)")
-    modules = dict(model.named_modules())
+    layers = report_layers(model, report, "to_gptq_modules", "torchquant.ptq.gptq(...)")
     todo: List[Tuple[str, nn.Linear, QuantizedWeight]] = []
     kept: Dict[str, str] = {}
-    for name, q in report.results.items():
-        module = modules.get(name)
-        if module is None or name == "":
-            raise ValueError(f"to_gptq_modules: the report quantized layer {name!r}, which the model does not have "
-                             "as a submodule; pass the model the report was made on")
+    for name, module, q in layers:
         if isinstance(module, GPTQLinear):
-            _check_holds(name, module, q)
+            got = module.unpack()
+            check_holds_codes((got.codes, got.zero_points, got.scales, got.g_idx), q,
+                              f"to_gptq_modules: {name!r} is already a GPTQLinear")
             continue
         if not isinstance(module, nn.Linear):
             raise ValueError(f"to_gptq_modules: the report quantized {name!r}, a {type(module).__name__} in the "
@@ -159,7 +146,7 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
         if tuple(module.weight.shape) != tuple(q.unsigned_codes.shape):
             raise ValueError(f"to_gptq_modules: {name!r} has weight shape {list(module.weight.shape)} but the "
                              f"report's codes are {list(q.unsigned_codes.shape)}")
-        _check_weight_is_result(name, module.weight, q)
+        check_weight_is_result(module.weight, q, f"to_gptq_modules: the weight of {name!r}")
         reason = _unsupported_shape(module, q)
         if reason is None:
             todo.append((name, module, q))
@@ -172,7 +159,7 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
         except ValueError as error:  # what float16 cannot hold (scales, bias)
             kept[name] = str(error)
     for name, layer in built.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     if kept:
         warnings.warn(f"to_gptq_modules: {len(kept)} quantized layer(s) stay float nn.Linear layers holding their "
                       "quantized weights, as the GPTQ format cannot hold them: "
@@ -199,26 +186,6 @@ def _gptq_layer(module: nn.Linear, q: QuantizedWeight) -> GPTQLinear:
     return GPTQLinear.from_codes(q.codes.to(device), q.scales.to(device), q.zero_points.to(device),
                                  q.g_idx.to(device), bias, q.bits, _group_size(q), q.quant_min, q.spec.symmetric,
                                  desc_act=q.act_order, static_groups=q.static_groups)
-
-
-def _check_weight_is_result(name: str, weight: Tensor, q: QuantizedWeight) -> None:
-    """The layer computes with the report's dequantized weight (up to its dtype's rounding)."""
-    w = weight.detach().float()
-    dq = q.dequantize().to(w.device)
-    # A hundredth of a grid step: an unquantized weight sits up to half a step away.
-    tol = 0.01 * q.scales[:, q.g_idx.long()].to(w.device) + torch.finfo(weight.dtype).eps * dq.abs()
-    off = int(((w - dq).abs() > tol).sum())
-    if off:
-        raise ValueError(f"to_gptq_modules: the weight of {name!r} is not the one the report's codes give ({off} of "
-                         f"{w.numel()} elements differ by more than 1% of a grid step); pass the model the pass "
-                         "quantized, after the pass")
-
-
-def _check_holds(name: str, module: GPTQLinear, q: QuantizedWeight) -> None:
-    got = module.unpack()
-    expected = (q.codes, q.zero_points, q.g_idx, q.scales.to(torch.float16).float())
-    if not all(torch.equal(a.cpu(), b) for a, b in zip((got.codes, got.zero_points, got.g_idx, got.scales), expected)):
-        raise ValueError(f"to_gptq_modules: {name!r} is already a GPTQLinear, holding other codes than the report's")
 
 
 # ---- saving -------------------------------------------------------------------------------
@@ -267,18 +234,15 @@ def save_gptq(model: nn.Module, path: PathLike, quantize_config: Optional[Dict[s
         config["dynamic"] = dynamic
     config["lm_head"] = any(name.rpartition(".")[2] == "lm_head" for name in layers)
 
-    tensors = _state_tensors(model)
+    tensors = state_tensors(model)
     for name, m in layers.items():
         # The format's dtype; exact, since the module's scales came from float16.
         tensors[f"{name}.scales"] = m.scales.detach().to(torch.float16).contiguous()
         if config["checkpoint_format"] == "gptq":
             tensors[f"{name}.qzeros"] = qzeros_to_v1(m.qzeros, m.bits, name)
 
-    os.makedirs(path, exist_ok=True)
     text = json.dumps(config, indent=2)
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt", _METADATA_KEY: text})
-    with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    write_folder(path, tensors, _METADATA_KEY, text, CONFIG_FILE, text)
     return config
 
 
@@ -333,20 +297,6 @@ def _top_level_config(cfg: Dict[str, Any], first: GPTQLinear) -> Dict[str, Any]:
     return config
 
 
-def _state_tensors(model: nn.Module) -> Dict[str, Tensor]:
-    """The state dict ready for safetensors: contiguous, and tied tensors given their own copy."""
-    tensors, seen = {}, set()
-    for key, t in model.state_dict().items():
-        t = t.detach()
-        ptr = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
-        if ptr in seen:
-            t = t.clone()
-        elif ptr is not None:
-            seen.add(ptr)
-        tensors[key] = t.contiguous()
-    return tensors
-
-
 # ---- loading ------------------------------------------------------------------------------
 
 def load_gptq(model: nn.Module, path: PathLike) -> nn.Module:
@@ -358,7 +308,7 @@ def load_gptq(model: nn.Module, path: PathLike) -> nn.Module:
     weights tied to a loaded one may be absent (tied embeddings). Returns
     ``model`` in eval mode.
     """
-    tensors, config = _read_checkpoint(path)
+    tensors, config = read_checkpoint(path, CONFIG_FILE, _METADATA_KEY, "load_gptq", "quantize config")
     settings = _parse_config(config, path)
     names = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
     if "qweight" in tensors:
@@ -370,26 +320,20 @@ def load_gptq(model: nn.Module, path: PathLike) -> nn.Module:
         layer = _load_layer(name, modules.get(name), tensors, settings, path)
         tensors[f"{name}.qzeros"] = layer.qzeros
         tensors[f"{name}.g_idx"] = layer.g_idx
-        _set_submodule(model, name, layer)
-    _load_state(model, tensors, path)
+        set_submodule(model, name, layer)
+    load_state(model, tensors, path, "load_gptq")
     return model.eval()
 
 
 def _load_layer(name: str, module: Optional[nn.Module], tensors: Dict[str, Tensor], settings: Dict[str, Any],
                 path: PathLike) -> GPTQLinear:
-    if module is None:
-        raise ValueError(f"load_gptq: {path} quantizes layer {name!r}, which the model does not have")
-    if not isinstance(module, (nn.Linear, GPTQLinear)):
-        raise ValueError(f"load_gptq: {path} quantizes {name!r}, a {type(module).__name__} in the model; "
-                         f"only nn.Linear layers can become GPTQLinear")
+    check_load_target(name, module, GPTQLinear, path, "load_gptq")
     excluded, overrides = _dynamic_rule(settings["dynamic"], name)
     if excluded:
         raise ValueError(f"load_gptq: the quantize config excludes {name!r} (a '-:' dynamic rule) but {path} "
                          f"holds {name}.qweight")
     s = {**{k: settings[k] for k in _LAYER_SETTINGS}, **{k: v for k, v in overrides.items() if k in _LAYER_SETTINGS}}
-    for key in ("qzeros", "scales"):
-        if f"{name}.{key}" not in tensors:
-            raise ValueError(f"load_gptq: {path} has {name}.qweight but no {name}.{key}")
+    check_layer_tensors(tensors, name, ("qzeros", "scales"), path, "load_gptq")
     qzeros = tensors[f"{name}.qzeros"]
     if settings["checkpoint_format"] == "gptq":
         _check_int32(qzeros, f"{name}.qzeros")
@@ -401,12 +345,7 @@ def _load_layer(name: str, module: Optional[nn.Module], tensors: Dict[str, Tenso
         raise ValueError(f"load_gptq: {name} in {path} is {layer.in_features} -> {layer.out_features} features "
                          f"({s['bits']} bits) but the model's layer is {module.in_features} -> "
                          f"{module.out_features}")
-    if (layer.bias is None) != (module.bias is None):
-        has = "has" if layer.bias is not None else "has no"
-        raise ValueError(f"load_gptq: {path} {has} {name}.bias but the model's layer "
-                         f"{'has none' if module.bias is None else 'has one'}")
-    device = module.qweight.device if isinstance(module, GPTQLinear) else module.weight.device
-    return layer.to(device)
+    return place_like(layer, module, name, path, "load_gptq")
 
 
 def _check_int32(t: Tensor, name: str) -> None:
@@ -449,72 +388,3 @@ def _parse_config(config: Dict[str, Any], path: PathLike) -> Dict[str, Any]:
             raise ValueError(f"{where} has {key} = {value!r}; expected true or false")
     return {"bits": config["bits"], "group_size": config.get("group_size", -1), **flags,
             "checkpoint_format": fmt, "dynamic": dynamic}
-
-
-def _read_checkpoint(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """All tensors of the checkpoint and its quantize config."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = _weight_files(path)
-        folder = path
-    elif os.path.isfile(path):
-        files, folder = [path], os.path.dirname(path)
-    else:
-        raise FileNotFoundError(f"load_gptq: no checkpoint at {path}")
-    tensors: Dict[str, Tensor] = {}
-    embedded = None
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            embedded = embedded or (f.metadata() or {}).get(_METADATA_KEY)
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    config = _read_json(os.path.join(folder, CONFIG_FILE))
-    if config is None:
-        hf = _read_json(os.path.join(folder, "config.json"))
-        config = (hf or {}).get("quantization_config")
-    if config is None and embedded is not None:
-        config = json.loads(embedded)
-    if config is None:
-        raise FileNotFoundError(f"load_gptq: found no quantize config for {path} ({CONFIG_FILE}, config.json's "
-                                f"'quantization_config' or the safetensors metadata)")
-    return tensors, config
-
-
-def _weight_files(folder: str) -> List[str]:
-    single = os.path.join(folder, WEIGHTS_FILE)
-    if os.path.isfile(single):
-        return [single]
-    index = _read_json(single + ".index.json")
-    if index is not None:
-        return [os.path.join(folder, f) for f in sorted(set(index["weight_map"].values()))]
-    found = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
-    if len(found) != 1:
-        raise FileNotFoundError(f"load_gptq: {folder} has no {WEIGHTS_FILE} (nor its .index.json) and "
-                                f"{len(found)} other .safetensors files; pass the file to load")
-    return found
-
-
-def _read_json(file: str) -> Optional[Dict[str, Any]]:
-    if not os.path.isfile(file):
-        return None
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _load_state(model: nn.Module, tensors: Dict[str, Tensor], path: PathLike) -> None:
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"load_gptq: {path} holds tensors the model does not have: {sorted(result.unexpected_keys)}")
-    if result.missing_keys:
-        # A weight tied to one that was loaded (shared storage) is loaded already.
-        state = model.state_dict(keep_vars=True)
-        loaded = {state[k].untyped_storage().data_ptr() for k in tensors if k in state and state[k].numel()}
-        missing = [k for k in result.missing_keys if state[k].untyped_storage().data_ptr() not in loaded]
-        if missing:
-            raise ValueError(f"load_gptq: {path} lacks tensors the model needs: {sorted(missing)}")
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

@@ -18,7 +18,6 @@ Hessians (``token_mask``).
 """
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -28,34 +27,17 @@ from torch import Tensor, nn
 
 from torchquant import ops
 from torchquant.ptq.calibration import (BlockContext, BlockwisePass, CalibratedLayer, Device, TokenMask,
-                                        calibrate_blocks, find_blocks, linear_layers)
-from torchquant.ptq.report import (EXCLUDED, NO_CALIBRATION_TOKENS, OUTSIDE_BLOCKS, QUANTIZED, RTN_FALLBACK,
-                                   LayerReport, PTQReport, QuantizedWeight)
+                                        calibrate_blocks)
+from torchquant.ptq.options import (DEFAULT_EXCLUDE, check_group_size, exclude_patterns, is_excluded, is_int,
+                                    layer_rows)
+from torchquant.ptq.report import (NO_CALIBRATION_TOKENS, QUANTIZED, RTN_FALLBACK, LayerReport, PTQReport,
+                                   QuantizedWeight)
 from torchquant.spec import QuantSpec
 
 __all__ = ["gptq", "GPTQConfig", "GPTQReport", "DEFAULT_EXCLUDE"]
 
-# The output head maps to the vocabulary and is the most sensitive layer; GPTQ
-# checkpoints keep it in floating point.
-DEFAULT_EXCLUDE: Tuple[str, ...] = ("lm_head", "*.lm_head")
-
 _GRID_OBSERVERS = ("minmax", "mse")
 _DEFAULT_MSE_STEPS = 100
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _patterns(exclude) -> Tuple[str, ...]:
-    if isinstance(exclude, str):
-        return (exclude,)
-    if isinstance(exclude, Iterable) and not isinstance(exclude, bytes):
-        patterns = tuple(exclude)
-        if all(isinstance(p, str) for p in patterns):
-            return patterns
-    raise TypeError("exclude must be an fnmatch pattern string or a sequence of them (e.g. ('lm_head', "
-                    f"'*.mlp.gate')), got {exclude!r}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +55,7 @@ class GPTQConfig:
     exclude: Tuple[str, ...] = DEFAULT_EXCLUDE
 
     def __post_init__(self) -> None:
-        if not _is_int(self.block_size) or self.block_size <= 0:
+        if not is_int(self.block_size) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or \
                 not 0.0 < self.percdamp <= 1.0:
@@ -82,18 +64,16 @@ class GPTQConfig:
         for name in ("act_order", "static_groups", "sequential", "rtn_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not _is_int(self.clip_search_steps) or self.clip_search_steps < 0:
+        if not is_int(self.clip_search_steps) or self.clip_search_steps < 0:
             raise ValueError(f"clip_search_steps must be a non-negative integer, got {self.clip_search_steps!r}")
         if isinstance(self.clip_max_shrink, bool) or not isinstance(self.clip_max_shrink, (int, float)) or \
                 not 0.0 < self.clip_max_shrink < 1.0:
             raise ValueError(f"clip_max_shrink must be in (0, 1), got {self.clip_max_shrink!r}")
-        object.__setattr__(self, "exclude", _patterns(self.exclude))
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
 
     def is_excluded(self, name: str) -> bool:
         """Whether ``name`` or a module containing it matches a pattern of ``exclude``."""
-        parts = name.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        return any(fnmatch.fnmatchcase(p, pattern) for p in prefixes for pattern in self.exclude)
+        return is_excluded(name, self.exclude)
 
 
 @dataclass
@@ -184,19 +164,6 @@ class _GPTQPass(BlockwisePass):
                 details={"damp": damp if damp >= 0 else None})
 
 
-def _check_group_size(model: nn.Module, blocks: Optional[str], pass_: _GPTQPass) -> None:
-    """Before anything changes: every layer the walk will quantize has whole groups."""
-    g = pass_.group_size
-    if g is None or not isinstance(model, nn.Module):
-        return
-    found = find_blocks(model, blocks)
-    prefix, root = (found[0], found[1]) if found is not None else ("", model)
-    for name, module in linear_layers(root, prefix):
-        if pass_.select(name, module) and module.in_features % g:
-            raise ValueError(f"layer {name!r}: spec.group_size={g} does not divide its {module.in_features} input "
-                             "features; pick another group_size or exclude the layer")
-
-
 def gptq(model: nn.Module, calibration_batches: Iterable, spec: QuantSpec, *, block_size: int = 128,
          percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False, sequential: bool = True,
          clip_search_steps: Optional[int] = None, clip_max_shrink: float = 0.8, rtn_fallback: bool = False,
@@ -262,19 +229,10 @@ def gptq(model: nn.Module, calibration_batches: Iterable, spec: QuantSpec, *, bl
     config = GPTQConfig(block_size, percdamp, act_order, static_groups, sequential, clip_search_steps,
                         clip_max_shrink, rtn_fallback, exclude)
     pass_ = _GPTQPass(spec, config)
-    _check_group_size(model, blocks, pass_)
+    check_group_size(model, blocks, pass_, pass_.group_size)
     start = time.perf_counter()
     run = calibrate_blocks(model, calibration_batches, pass_, blocks=blocks, device=device, sequential=sequential,
                            token_mask=token_mask, progress=progress, desc="GPTQ")
-    outside = set(run.outside)
-    layers = []
-    for name, module in linear_layers(model):
-        if name in pass_.reports:
-            layers.append(pass_.reports[name])
-        else:
-            status = EXCLUDED if config.is_excluded(name) else OUTSIDE_BLOCKS if name in outside else None
-            if status is None:  # a selected layer the walk neither processed nor skipped: a bug, not a user error
-                raise RuntimeError(f"gptq: layer {name!r} was neither quantized nor skipped")
-            layers.append(LayerReport(name, tuple(module.weight.shape), status))
+    layers = layer_rows(model, pass_.reports, run.outside, config.is_excluded, "gptq", "quantized")
     return GPTQReport("GPTQ", layers, blocks=run.blocks, num_blocks=run.num_blocks,
                       seconds=time.perf_counter() - start, results=pass_.results, spec=spec, config=config)

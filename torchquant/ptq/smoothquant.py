@@ -46,7 +46,6 @@ the group's int8 weights for each candidate).
 """
 from __future__ import annotations
 
-import fnmatch
 import functools
 import time
 from dataclasses import dataclass, field, replace
@@ -62,7 +61,8 @@ from torchquant.nn.w8a8_linear import W8A8Linear
 from torchquant.observers import qparams_from_range
 from torchquant.ptq.calibration import (BlockContext, BlockwisePass, CalibratedLayer, Device, TokenMask,
                                         calibrate_blocks, find_blocks, linear_layers, select_tokens)
-from torchquant.ptq.gptq import DEFAULT_EXCLUDE, _patterns
+from torchquant.ptq.convert import set_submodule
+from torchquant.ptq.options import DEFAULT_EXCLUDE, exclude_patterns, is_excluded, is_number, layer_rows
 from torchquant.ptq.report import EXCLUDED, NO_CALIBRATION_TOKENS, OUTSIDE_BLOCKS, QUANTIZED, LayerReport, PTQReport
 from torchquant.ptq.scaling import (ScalingGroup, ScalingInvarianceError, apply_scales, block_outputs,
                                     check_invariance, scaling_groups)
@@ -87,16 +87,6 @@ _ACT_SPEC = QuantSpec(bits=8, symmetric=True)  # W8A8Linear's activation grid
 _QMIN, _QMAX = _ACT_SPEC.quant_range
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _excluded(name: str, patterns: Tuple[str, ...]) -> bool:
-    """Whether ``name`` or a module containing it matches one of ``patterns``."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), p) for i in range(1, len(parts) + 1) for p in patterns)
-
-
 def _check_act_granularity(act_granularity) -> None:
     if act_granularity not in _ACT_GRANULARITIES:
         raise ValueError(f"act_granularity must be 'tensor' (one static int8 scale per activation tensor) or "
@@ -119,7 +109,7 @@ class SmoothQuantConfig:
         if isinstance(alpha, str):
             if alpha != "search":
                 raise ValueError(f"alpha must be a number in [0, 1] or 'search', got {alpha!r}")
-        elif not _number(alpha):
+        elif not is_number(alpha):
             raise TypeError(f"alpha must be a number in [0, 1] or 'search', got {alpha!r}")
         elif not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (the migration strength) must be in [0, 1], got {alpha!r}")
@@ -132,7 +122,7 @@ class SmoothQuantConfig:
         if not grid:
             raise ValueError("alpha_grid must hold at least one alpha")
         for a in grid:
-            if not _number(a) or not 0.0 <= a <= 1.0:
+            if not is_number(a) or not 0.0 <= a <= 1.0:
                 raise ValueError(f"alpha_grid must hold numbers in [0, 1], got {a!r}")
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in grid))
         _check_act_granularity(self.act_granularity)
@@ -140,7 +130,7 @@ class SmoothQuantConfig:
             raise TypeError(f"explicit must be a bool, got {self.explicit!r}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        object.__setattr__(self, "exclude", _patterns(self.exclude))
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
 
     @property
     def alphas(self) -> Tuple[float, ...]:
@@ -148,7 +138,7 @@ class SmoothQuantConfig:
         return self.alpha_grid if self.alpha == "search" else (self.alpha,)
 
     def is_excluded(self, name: str) -> bool:
-        return _excluded(name, self.exclude)
+        return is_excluded(name, self.exclude)
 
 
 @dataclass
@@ -567,16 +557,7 @@ def smoothquant(model: nn.Module, calibration_batches: Iterable, *, alpha: Union
     run = calibrate_blocks(model, calibration_batches, pass_, blocks=blocks, device=device, sequential=False,
                            token_mask=token_mask, progress=progress, desc="SmoothQuant")
     pass_.finish()
-    outside = set(run.outside)
-    layers = []
-    for name, module in linear_layers(model):
-        if name in pass_.reports:
-            layers.append(pass_.reports[name])
-        else:
-            status = EXCLUDED if config.is_excluded(name) else OUTSIDE_BLOCKS if name in outside else None
-            if status is None:  # a selected layer the walk neither smoothed nor skipped: a bug, not a user error
-                raise RuntimeError(f"smoothquant: layer {name!r} was neither smoothed nor skipped")
-            layers.append(LayerReport(name, tuple(module.weight.shape), status))
+    layers = layer_rows(model, pass_.reports, run.outside, config.is_excluded, "smoothquant", "smoothed")
     return SmoothQuantReport("SmoothQuant", layers, blocks=run.blocks, num_blocks=run.num_blocks,
                              seconds=time.perf_counter() - start, config=config, groups=pass_.groups)
 
@@ -590,7 +571,7 @@ class _ActRangePass(BlockwisePass):
         self.rows: Dict[str, int] = {}
 
     def select(self, name: str, module: nn.Linear) -> bool:
-        return not _excluded(name, self.exclude)
+        return not is_excluded(name, self.exclude)
 
     def new_statistics(self, name: str, module: nn.Linear) -> _ChannelMax:
         return _ChannelMax(module)
@@ -653,10 +634,10 @@ def quantize_w8a8(model: nn.Module, *, act_granularity: str = "tensor", calibrat
     if not static and calibration_batches is not None:
         raise ValueError(f"calibration_batches is only used for static activation scales; with "
                          f"act_granularity={act_granularity!r} and static=False leave it None")
-    patterns = _patterns(exclude)
+    patterns = exclude_patterns(exclude)
     _check_model(model, "quantize")
     in_blocks = _layers_in_blocks(model, blocks)
-    selected = [(name, m) for name, m in in_blocks if not _excluded(name, patterns)]
+    selected = [(name, m) for name, m in in_blocks if not is_excluded(name, patterns)]
     if not selected:
         raise ValueError(f"every nn.Linear in the blocks is excluded (exclude={patterns!r}): nothing to quantize")
     if selected[0][0] == "":
@@ -692,8 +673,7 @@ def quantize_w8a8(model: nn.Module, *, act_granularity: str = "tensor", calibrat
             details.update(act_max=m, act_scale=float(act_scale))
         cls = InputScaledW8A8Linear if isinstance(linear, InputScaledLinear) else W8A8Linear
         quantized = cls.from_float(linear, act_granularity, act_scale, compute)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, quantized)
+        set_submodule(model, name, quantized)
         reports[name] = LayerReport(name, shape, QUANTIZED, samples=ranges.rows.get(name, 0), details=details)
 
     # Every layer handled here (now a W8A8Linear) or still a float Linear, in module order.
@@ -703,6 +683,6 @@ def quantize_w8a8(model: nn.Module, *, act_granularity: str = "tensor", calibrat
         if name in reports:
             layers.append(reports[name])
         elif name in float_names:  # a selected layer in the blocks is in reports: this one is excluded or outside
-            status = EXCLUDED if _excluded(name, patterns) else OUTSIDE_BLOCKS
+            status = EXCLUDED if is_excluded(name, patterns) else OUTSIDE_BLOCKS
             layers.append(LayerReport(name, tuple(module.weight.shape), status))
     return PTQReport("W8A8", layers, blocks=run_blocks, num_blocks=num_blocks, seconds=time.perf_counter() - start)
