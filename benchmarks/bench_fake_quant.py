@@ -450,7 +450,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="cuda runs on the GPU when one is available, else falls back to cpu")
     parser.add_argument("--size", type=int, default=4096, help="the input is size x size (default 4096)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row; the median is shown")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per row after the checked one")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per row after the checked one (the first rows of a process also warm the kernel's pool of huge pages)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: a {GROUP_SIZE} x {GROUP_SIZE} input, 2 repeats, and "
