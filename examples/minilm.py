@@ -22,6 +22,7 @@ The sentences depend on the Python version and the Debian release only.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import json
@@ -255,3 +256,25 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lines += [f"| {r.method} | {r.mean_cos:.4f} | {r.min_cos:.4f} | {r.top1_agreement:.1%} | {r.seconds:.1f} |"
               for r in rows]
     return "\n".join(lines)
+
+
+class DemoInputs(NamedTuple):
+    model: nn.Module
+    tokenizer: object
+    calibration: List[str]
+    heldout: List[str]
+    batches: List[Dict[str, Tensor]]
+
+
+def demo_inputs(description: str, calibration_batch_size: int = 16) -> DemoInputs:
+    """What every MiniLM script starts from: its command line (--calibration, --heldout, --seed), the fp32
+    model, the two corpora and the tokenized calibration batches."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
+    parser.add_argument("--heldout", type=int, default=256, help="held-out evaluation sentences")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sentence sampling")
+    args = parser.parse_args()
+    model, tokenizer = load_minilm()
+    calibration, heldout = corpora(args.calibration, args.heldout, args.seed)
+    batches = calibration_batches(tokenizer, calibration, calibration_batch_size)
+    return DemoInputs(model, tokenizer, calibration, heldout, batches)

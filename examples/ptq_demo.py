@@ -33,7 +33,6 @@ RTN far from fp32, fewer bits closer to fp32 than more, GPTQ or AWQ further
 from fp32 than RTN at the same width, SmoothQuant's searched alpha further
 than no smoothing, or a reloaded checkpoint not exact.
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from torchquant.observers import make_observer
 
 import ptq_methods_awq
 import ptq_methods_smoothquant
-from minilm import cosine_table, calibration_batches, corpora, embed, encoder_linears, load_minilm, markdown_table
+from minilm import cosine_table, demo_inputs, embed, encoder_linears, load_minilm, markdown_table
 
 GROUP_SIZE = 128
 WIDTHS = (4, 3)
@@ -134,16 +133,8 @@ def sanity_failures(rows) -> list:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
-    parser.add_argument("--heldout", type=int, default=256, help="held-out evaluation sentences")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sentence sampling")
-    args = parser.parse_args()
     start = time.perf_counter()
-
-    model, tokenizer = load_minilm()
-    calibration, heldout = corpora(args.calibration, args.heldout, args.seed)
-    batches = calibration_batches(tokenizer, calibration, CALIBRATION_BATCH_SIZE)
+    model, tokenizer, calibration, heldout, batches = demo_inputs(__doc__.split("\n")[0], CALIBRATION_BATCH_SIZE)
     n_linear = len(encoder_linears(model))
     print(f"all-MiniLM-L6-v2: {len(model.encoder.layer)} blocks, {n_linear} Linear layers quantized; "
           f"{len(calibration)} calibration sentences (Python reference, {len(batches)} batches), "

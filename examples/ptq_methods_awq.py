@@ -12,7 +12,6 @@ scales fold into a layer; the other groups (q/k/v, the FFN's two layers)
 divide their input online (``torchquant.nn.InputScaledLinear``). The
 AWQ+GPTQ row keeps AWQ's scales and clipping and lets GPTQ do the rounding.
 """
-import argparse
 import sys
 import time
 
@@ -47,19 +46,11 @@ def awq_then_gptq(spec: QuantSpec, calibration, keep=None):
 
 def main() -> int:
     # The demo's helpers; imported here because the demo imports this module.
-    from minilm import calibration_batches, corpora, cosine_table, load_minilm, markdown_table
+    from minilm import cosine_table, demo_inputs, markdown_table
     from ptq_demo import CALIBRATION_BATCH_SIZE, gptq, row_name, rtn, weight_spec
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
-    parser.add_argument("--heldout", type=int, default=256, help="held-out evaluation sentences")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sentence sampling")
-    args = parser.parse_args()
     start = time.perf_counter()
-
-    model, tokenizer = load_minilm()
-    calibration, heldout = corpora(args.calibration, args.heldout, args.seed)
-    batches = calibration_batches(tokenizer, calibration, CALIBRATION_BATCH_SIZE)
+    model, tokenizer, _, heldout, batches = demo_inputs(__doc__.split("\n")[0], CALIBRATION_BATCH_SIZE)
     spec = weight_spec(4)
     methods = {row_name("RTN", 4): rtn(spec), row_name("GPTQ", 4): gptq(spec, batches),
                row_name("AWQ", 4): awq(spec, batches), row_name("AWQ+GPTQ", 4): awq_then_gptq(spec, batches)}

@@ -13,7 +13,6 @@ its other layers divide their input online (``InputScaledLinear``).
 
 ``examples/ptq_demo.py`` adds them to its table with :func:`smoothquant_methods`.
 """
-import argparse
 import sys
 import time
 from typing import Callable, Dict, Optional
@@ -21,7 +20,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from minilm import calibration_batches, corpora, cosine_table, load_minilm, markdown_table
+from minilm import cosine_table, demo_inputs, markdown_table
 
 BLOCKS = "encoder.layer"
 CALIBRATION_BATCH_SIZE = 16
@@ -98,18 +97,11 @@ def sanity_failures(rows) -> list:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calibration", type=int, default=128, help="calibration sentences")
-    parser.add_argument("--heldout", type=int, default=256, help="held-out evaluation sentences")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sentence sampling")
-    args = parser.parse_args()
     if not smoothquant_available():
         print("SmoothQuant is not available (torchquant.ptq.smoothquant or its ops are missing)", file=sys.stderr)
         return 1
     start = time.perf_counter()
-    model, tokenizer = load_minilm()
-    calibration, heldout = corpora(args.calibration, args.heldout, args.seed)
-    batches = calibration_batches(tokenizer, calibration, CALIBRATION_BATCH_SIZE)
+    model, tokenizer, _, heldout, batches = demo_inputs(__doc__.split("\n")[0], CALIBRATION_BATCH_SIZE)
     keep: dict = {}
     rows = cosine_table(smoothquant_methods(batches, keep), model, tokenizer, heldout)
     print(markdown_table(rows))

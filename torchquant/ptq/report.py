@@ -173,16 +173,19 @@ class PTQReport:
     def skipped(self) -> List[LayerReport]:
         return [layer for layer in self.layers if not layer.quantized]
 
-    def summary(self) -> str:
-        where = f"{self.num_blocks} blocks of {self.blocks!r}" if self.blocks is not None else "the whole model"
-        text = (f"{self.method}: {len(self.quantized)} of {len(self.layers)} Linear layers quantized over {where} "
-                f"in {self.seconds:.1f} s")
+    def _where(self) -> str:
+        return f"{self.num_blocks} blocks of {self.blocks!r}" if self.blocks is not None else "the whole model"
+
+    def _skipped_counts(self) -> str:
+        """``"; 2 excluded, 1 skipped: ..."`` for the layers left alone, by status (empty when none were)."""
         counts: Dict[str, int] = {}
         for layer in self.skipped:
             counts[layer.status] = counts.get(layer.status, 0) + 1
-        if counts:
-            text += "; " + ", ".join(f"{n} {status}" for status, n in counts.items())
-        return text
+        return "; " + ", ".join(f"{n} {status}" for status, n in counts.items()) if counts else ""
+
+    def summary(self) -> str:
+        return (f"{self.method}: {len(self.quantized)} of {len(self.layers)} Linear layers quantized over "
+                f"{self._where()} in {self.seconds:.1f} s" + self._skipped_counts())
 
     def to_rows(self) -> List[Dict[str, Any]]:
         """One dict per layer: name, shape, status, samples, loss, seconds, then the pass's details."""

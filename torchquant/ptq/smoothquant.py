@@ -196,18 +196,12 @@ class SmoothQuantReport(PTQReport):
         return [layer for layer in self.layers if not layer.status.startswith(SMOOTHED)]
 
     def summary(self) -> str:
-        where = f"{self.num_blocks} blocks of {self.blocks!r}" if self.blocks is not None else "the whole model"
         alpha = "" if self.config is None else \
             " (alpha searched)" if self.config.alpha == "search" else f" (alpha {self.config.alpha:g})"
         online = sum(layer.status == SMOOTHED_ONLINE for layer in self.layers)
-        text = (f"{self.method}{alpha}: {len(self.smoothed)} of {len(self.layers)} Linear layers smoothed "
-                f"({online} by an online input scale) over {where} in {self.seconds:.1f} s")
-        counts: Dict[str, int] = {}
-        for layer in self.skipped:
-            counts[layer.status] = counts.get(layer.status, 0) + 1
-        if counts:
-            text += "; " + ", ".join(f"{n} {status}" for status, n in counts.items())
-        return text
+        return (f"{self.method}{alpha}: {len(self.smoothed)} of {len(self.layers)} Linear layers smoothed "
+                f"({online} by an online input scale) over {self._where()} in {self.seconds:.1f} s"
+                + self._skipped_counts())
 
 
 # ---------------------------------------------------------------------------- statistics
