@@ -95,8 +95,11 @@ void check_activation_statistic(const char* op, const at::Tensor& act) {
 // weight without rows. NaN propagates.
 at::Tensor column_absmax(const at::Tensor& w, at::ScalarType dtype) {
   if (w.size(0) == 0) return at::zeros({w.size(1)}, w.options().dtype(dtype));
-  // aminmax reads w once without an |w|-sized temporary.
-  auto [lo, hi] = at::aminmax(w, /*dim=*/0);
+  // Two reductions over w without an |w|-sized temporary. Not aminmax: its
+  // column-wise (dim 0) reduction is not vectorised on CPU, and measured 7x
+  // slower than amax + amin on a 4096 x 4096 weight.
+  const at::Tensor hi = at::amax(w, /*dim=*/0);
+  const at::Tensor lo = at::amin(w, /*dim=*/0);
   return at::maximum(hi.to(dtype), lo.to(dtype).neg());
 }
 
