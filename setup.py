@@ -18,8 +18,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
-# Flags for the kernels compiled a second time for AVX2 (chosen at run time).
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# Flags of the kernels compiled once more per instruction set (chosen at run
+# time): *_avx2.cpp and *_avx512.cpp (AVX-512 with VNNI and BF16, as on Zen 4
+# and Ice Lake or newer).
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
+                    "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
 
 
 def build_with_cuda() -> bool:
@@ -31,8 +37,9 @@ def build_with_cuda() -> bool:
 
 def sources(with_cuda: bool) -> list[str]:
     files = sorted(glob.glob(os.path.join(CSRC, "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    files += sorted(glob.glob(os.path.join(CSRC, "ptq", "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, "ptq", "cpu", "*.cpp")))
-    files = [f for f in files if IS_X86 or not f.endswith("_avx2.cpp")]
+    for sub in ("ptq", "runtime"):
+        files += sorted(glob.glob(os.path.join(CSRC, sub, "*.cpp"))) + sorted(glob.glob(os.path.join(CSRC, sub, "cpu", "*.cpp")))
+    files = [f for f in files if IS_X86 or not f.endswith(tuple(ISA_FLAGS))]
     if with_cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
@@ -40,21 +47,23 @@ def sources(with_cuda: bool) -> list[str]:
 
 
 class BuildWithIsaKernels(BuildExtension):
-    """Compiles the *_avx2.cpp kernels with AVX2 flags and links them in.
+    """Compiles the *_avx2.cpp / *_avx512.cpp kernels with their flags and links them in.
 
-    setuptools gives every source of an extension the same flags, so the AVX2
+    setuptools gives every source of an extension the same flags, so these
     translation units are compiled here first and handed over as objects.
     """
 
     def build_extension(self, ext):
-        isa_sources = [s for s in ext.sources if s.endswith("_avx2.cpp")]
-        if isa_sources:
+        cxx_flags = ext.extra_compile_args.get("cxx", []) if isinstance(ext.extra_compile_args, dict) else list(ext.extra_compile_args)
+        for suffix, flags in ISA_FLAGS.items():
+            isa_sources = [s for s in ext.sources if s.endswith(suffix)]
+            if not isa_sources:
+                continue
             ext.sources = [s for s in ext.sources if s not in isa_sources]
-            cxx_flags = ext.extra_compile_args.get("cxx", []) if isinstance(ext.extra_compile_args, dict) else list(ext.extra_compile_args)
-            post = {"cxx": cxx_flags + AVX2_FLAGS, "nvcc": []} if self.use_ninja else cxx_flags + AVX2_FLAGS
+            post = {"cxx": cxx_flags + flags, "nvcc": []} if self.use_ninja else cxx_flags + flags
             objects = self.compiler.compile(
                 isa_sources,
-                output_dir=os.path.join(self.build_temp, "isa"),
+                output_dir=os.path.join(self.build_temp, "isa" + suffix[:-4]),
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
                 debug=self.debug,

@@ -1,6 +1,6 @@
 // The operator catalogue: every schema of the torchquant library, in one
 // place. Kernels are registered per dispatch key elsewhere (cpu/, cuda/,
-// autograd.cpp); the fake (meta) kernels live in torchquant/ops.py.
+// autograd.cpp, runtime/); the fake (meta) kernels live in torchquant/ops/.
 //
 // Conventions shared by the fake-quantize ops:
 //   * granularity: axis=None and group_size=None is per-tensor; axis=k is
@@ -88,4 +88,39 @@ TORCH_LIBRARY(torchquant, m) {
   // float32 eps); codes = clamp(round(x * (1 / scales)), quant_min, quant_max),
   // int8 when the range fits in int8, int32 otherwise.
   m.def("quantize_per_token(Tensor x, int quant_min, int quant_max) -> (Tensor codes, Tensor scales)");
+
+  // ---- Run-time kernels of quantized layers (csrc/runtime) -------------------------------
+  // A low-bit weight W [N, K] is `packed` uint8 [N, packed_row_bytes(K, bits)] (layout:
+  // csrc/runtime/packed_layout.h) with float32 `scales` / `zeros` [N, G], groups of
+  // g = K / G input columns: W[n, k] = (v(u) - zeros[n, k / g]) * scales[n, k / g], v(u) = u,
+  // or lut[u] with a float32 [16] `lut` (4-bit lookup-table codes such as NF4).
+  // Codes u [N, K] (any integer dtype, values in [0, 2^bits)) -> packed uint8.
+  m.def("pack_weight(Tensor codes, int bits) -> Tensor");
+  // Packed uint8 -> codes uint8 [N, in_features].
+  m.def("unpack_weight(Tensor packed, int bits, int in_features) -> Tensor");
+  // The float32 weight [N, in_features] of a packed one (for references and tests; the
+  // linear ops never form it).
+  m.def(
+      "dequantize_weight(Tensor packed, Tensor scales, Tensor zeros, int bits, int in_features, "
+      "Tensor? lut=None) -> Tensor");
+  // Weight-only quantized linear: y = x[..., perm] W^T + bias for x [..., in_features] in
+  // float32 / float16 / bfloat16, y in x's dtype. perm (int64 [in_features], optional) is
+  // the column order of an act-order weight repacked into group order. Autograd gives x the
+  // gradient dy W (through quantized_linear_grad_input); the weight gets none.
+  m.def(
+      "quantized_linear(Tensor input, Tensor packed, Tensor scales, Tensor zeros, int bits, "
+      "int in_features, Tensor? lut=None, Tensor? perm=None, Tensor? bias=None) -> Tensor");
+  // dx [..., in_features] = (dy W)[..., perm^-1] for dy [..., N], in dy's dtype.
+  m.def(
+      "quantized_linear_grad_input(Tensor grad_output, Tensor packed, Tensor scales, Tensor zeros, "
+      "int bits, int in_features, Tensor? lut=None, Tensor? perm=None) -> Tensor");
+  // W8A8: int8 activations times int8 weights, int32 accumulation. The weight is the 8-bit
+  // packed layout (u = q + 128 for int8 codes q) with float32 per-channel scales [N, 1].
+  // input_scale None: dynamic per-token activation grids (quantize_per_token's); a float32
+  // [1] tensor: one static symmetric grid, codes clamp(round(x / input_scale), -128, 127).
+  // y = acc * s_x * s_w + bias in float32, returned in x's dtype. Autograd: the
+  // straight-through input gradient dy W.
+  m.def(
+      "w8a8_linear(Tensor input, Tensor packed, Tensor scales, Tensor? input_scale=None, "
+      "Tensor? bias=None) -> Tensor");
 }
