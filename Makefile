@@ -89,6 +89,7 @@ bench: extension
 	$(PY) benchmarks/bench_fake_quant.py
 	$(PY) benchmarks/bench_gptq.py
 	$(PY) benchmarks/bench_awq_smoothquant.py
+	$(PY) benchmarks/bench_linear.py
 
 test: test-python test-cpp
 

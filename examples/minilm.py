@@ -31,7 +31,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # Before transformers is imported: it reads these once. local_files_only=True
 # below already forbids downloads; these also silence the Hub's version checks.
@@ -229,10 +229,12 @@ def compare(name: str, embeddings: Tensor, reference: Tensor, seconds: float = 0
 
 
 def cosine_table(methods: Dict[str, Method], model: nn.Module, tokenizer, sentences: Sequence[str],
-                 batch_size: int = 64) -> List[Row]:
+                 batch_size: int = 64, inspect: Optional[Callable[[str, nn.Module], None]] = None) -> List[Row]:
     """One row per method: quantize a deep copy of the fp32 ``model`` in place, embed ``sentences``, compare.
 
     The first row is the fp32 model itself; ``model`` is never modified.
+    ``inspect(name, model)``, if given, sees each model (fp32 first) after
+    its row is measured, e.g. to time it.
     """
     if not methods:
         raise ValueError("cosine_table: methods must name at least one method")
@@ -240,12 +242,16 @@ def cosine_table(methods: Dict[str, Method], model: nn.Module, tokenizer, senten
         raise ValueError(f"cosine_table: sentences must hold at least 2 sentences, got {len(sentences)}")
     reference = embed(model, tokenizer, sentences, batch_size)
     rows = [compare("fp32", reference, reference)]
+    if inspect is not None:
+        inspect("fp32", model)
     for name, method in methods.items():
         quantized = copy.deepcopy(model)
         start = time.perf_counter()
         method(quantized)
         seconds = time.perf_counter() - start
         rows.append(compare(name, embed(quantized.eval(), tokenizer, sentences, batch_size), reference, seconds))
+        if inspect is not None:
+            inspect(name, quantized)
         del quantized
     return rows
 

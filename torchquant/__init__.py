@@ -5,20 +5,26 @@
 * ``torchquant.QuantSpec``: one description of how a tensor is quantized;
 * ``torchquant.nn.FakeQuantize`` and the observers that calibrate it;
 * ``torchquant.prepare_qat`` / ``torchquant.convert``: QAT layers, then real
-  integer weights, saved with ``torchquant.save_quantized``.
+  integer weights, saved with ``torchquant.save_quantized``;
+* ``torchquant.QuantizedWeight`` and ``torchquant.nn.QuantizedLinear``: the one
+  integer-weight model every quantized Linear layer runs, from packed codes
+  (``torchquant.layouts``: the GPTQ, AWQ, W8A8 and torchquant checkpoint
+  layouts of its state dict).
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from torchquant import _C  # noqa: F401  (loads the library that registers the ops)
-from torchquant import nn, observers, ops, qat
+from torchquant import layouts, nn, observers, ops, qat
 from torchquant import ptq  # noqa: F401  (post-training quantization: torchquant.ptq.gptq, ...)
 from torchquant.checkpoint import load_quantized, save_quantized
 from torchquant.ops import fake_quantize, quant_range
 from torchquant.qat import QuantConfig, LayerQuant, convert, parameter_bytes, prepare_qat, qat_report
+from torchquant.quantized_weight import QuantizedWeight
 from torchquant.spec import QuantSpec
 
 __all__ = [
-    "LayerQuant", "QuantConfig", "QuantSpec", "convert", "fake_quantize", "load_quantized", "nn", "observers",
-    "ops", "parameter_bytes", "prepare_qat", "qat", "qat_report", "quant_range", "save_quantized",
+    "LayerQuant", "QuantConfig", "QuantSpec", "QuantizedWeight", "convert", "fake_quantize", "layouts",
+    "load_quantized", "nn", "observers", "ops", "parameter_bytes", "prepare_qat", "qat", "qat_report", "quant_range",
+    "save_quantized",
 ]
 __version__ = "0.1.0"

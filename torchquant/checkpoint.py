@@ -10,14 +10,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from torchquant.nn import (AWQLinear, GPTQLinear, InputScaledW8A8Linear, QuantizedConv1d, QuantizedConv2d,
+                           QuantizedEmbedding, QuantizedLinear, QuantizedModule, W8A8Linear)
 from torchquant.nn.qat import sibling_name
-from torchquant.nn.quantized import QUANTIZED_MODULES, QuantizedModule
 
 __all__ = ["save_quantized", "load_quantized"]
 
 _METADATA_KEY = "torchquant.layers"
 _FORMAT_KEY = "torchquant.format"
 _FORMAT = "torchquant-qat/1"
+# The "kind" a layer's description names -> the class that rebuilds it.
+QUANTIZED_MODULES = {cls.__name__: cls for cls in (QuantizedLinear, GPTQLinear, AWQLinear, W8A8Linear,
+                                                    InputScaledW8A8Linear, QuantizedConv1d, QuantizedConv2d,
+                                                    QuantizedEmbedding)}
 
 
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:

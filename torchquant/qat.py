@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 from torch import nn
 
 from torchquant.nn.qat import QATConv1d, QATConv2d, QATConvBn2d, QATEmbedding, QATLinear, QATModule
-from torchquant.nn.quantized import (QuantizedConv1d, QuantizedConv2d, QuantizedEmbedding, QuantizedLinear,
-                                     QuantizedModule)
+from torchquant.nn.quantized import QuantizedConv1d, QuantizedConv2d, QuantizedEmbedding, QuantizedModule
+from torchquant.nn.quantized_linear import QuantizedLinear
 from torchquant.spec import QuantSpec
 
 __all__ = [
@@ -225,9 +225,14 @@ def _describe(spec: QuantSpec) -> str:
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every QAT module by its inference module with integer weights.
 
-    Raises ``RuntimeError`` naming the layer when an activation quantizer
-    has not seen data yet. The converted model's outputs equal the QAT
-    model's in eval mode.
+    Linear layers become :class:`~torchquant.nn.QuantizedLinear` layers that
+    run from their packed codes (2 to 8 bits; wider weights are refused with
+    a ``ValueError`` naming the layer); convolutions and embeddings keep
+    packed codes and dequantize on each call. Raises ``RuntimeError`` naming
+    the layer when an activation quantizer has not seen data yet. The
+    converted model's outputs equal the QAT model's in eval mode: bit for bit
+    for convolutions and embeddings, up to float rounding for Linear layers
+    (the kernels sum in another order).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -246,8 +251,8 @@ def _convert_children(parent: nn.Module, prefix: str) -> int:
         if isinstance(child, QATModule):
             try:
                 setattr(parent, name, _to_quantized(child))
-            except RuntimeError as e:
-                raise RuntimeError(f"convert: layer {full!r}: {e}") from None
+            except (RuntimeError, ValueError) as e:
+                raise type(e)(f"convert: layer {full!r}: {e}") from None
             count += 1
         else:
             count += _convert_children(child, full + ".")
@@ -263,8 +268,8 @@ def _to_quantized(m: QATModule) -> QuantizedModule:
         weight, bias = m.weight, getattr(m, "bias", None)
     weight = weight.detach()
     if isinstance(m, QATLinear):
-        return QuantizedLinear(weight, bias, scale, zero_point, m.weight_spec, m.input_fake_quant,
-                               m.output_fake_quant)
+        return QuantizedLinear.from_grid(weight, bias, scale, zero_point, m.weight_spec, m.input_fake_quant,
+                                         m.output_fake_quant)
     if isinstance(m, (QATConv1d, QATConv2d)):
         cfg = {"stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
                "dilation": list(m.dilation), "groups": m.groups}

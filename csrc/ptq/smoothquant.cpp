@@ -19,10 +19,6 @@ constexpr const char* kScalesOp = "torchquant.smoothquant_scales";
 constexpr const char* kFoldOp = "torchquant.smoothquant_fold_";
 constexpr const char* kPerTokenOp = "torchquant.quantize_per_token";
 
-// The smallest per-token scale, as torchquant's observers use
-// (torch.finfo(torch.float32).eps): 1 / scale stays finite for a row of zeros.
-constexpr float kMinTokenScale = std::numeric_limits<float>::epsilon();
-
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }

@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -43,6 +44,13 @@ void smoothquant_fold_(
     const std::optional<at::Tensor>& prev_bias,
     at::TensorList next_weights,
     const at::Tensor& scales);
+
+// The smallest per-token scale (torch.finfo(torch.float32).eps, as
+// torchquant's observers use): 1 / scale stays finite for a row of zeros.
+// Public so that kernels which fuse the per-token quantization (the CPU W8A8
+// linear, through quant_math.h's grid_from_range and unclamped_code) use the
+// same grid as quantize_per_token.
+constexpr float kMinTokenScale = std::numeric_limits<float>::epsilon();
 
 // Dynamic symmetric quantization of each row (token) of x [..., in]:
 //   scale = max(max_j |x_j| / ((quant_max - quant_min) / 2), float32 eps)

@@ -231,17 +231,22 @@ def _reference_rtn(w, bits, group_size):
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_rtn_rounds_each_group_to_its_grid(model_and_tokenizer, bits):
+    from torchquant.nn import QuantizedLinear
+
     model, _ = model_and_tokenizer
     quantized = copy.deepcopy(model)
     ptq_demo.rtn(ptq_demo.weight_spec(bits))(quantized)
     touched = set()
-    for (name, before), (_, after) in zip(minilm.encoder_linears(model), minilm.encoder_linears(quantized)):
-        torch.testing.assert_close(after.weight, _reference_rtn(before.weight, bits, 128))
-        groups = after.weight.reshape(after.weight.shape[0], -1, 128)
+    for name, before in minilm.encoder_linears(model):
+        after = quantized.get_submodule(name)
+        assert isinstance(after, QuantizedLinear), name  # runs from packed codes
+        weight = after.dequantized_weight()
+        torch.testing.assert_close(weight, _reference_rtn(before.weight, bits, 128))
+        groups = weight.reshape(weight.shape[0], -1, 128)
         assert max(len(torch.unique(row)) for row in groups[:8].reshape(-1, 128)) <= 2 ** bits
         assert torch.equal(after.bias, before.bias)
-        touched.add(name + ".weight")
-    # Everything else (embeddings, LayerNorms, biases, pooler) is untouched.
+        touched.update(f"{name}.{key}" for key in ("weight", "bias"))
+    # Everything else (embeddings, LayerNorms, pooler) is untouched.
     for k, v in quantized.state_dict().items():
-        if k not in touched:
+        if k in model.state_dict() and k not in touched:
             assert torch.equal(v, model.state_dict()[k]), k

@@ -283,13 +283,13 @@ def test_input_scaled_w8a8_quantizes_the_scaled_input():
     linear = nn.Linear(16, 6)
     s = _scales(16, 3)
     x = torch.randn(5, 16) * _scales(16, 4)
-    reference = W8A8Linear.from_float(copy.deepcopy(linear), "tensor", act_scale=0.05, compute="fake")
+    reference = W8A8Linear.from_float(copy.deepcopy(linear), "tensor", act_scale=0.05)
     InputScaledLinear.convert_(linear, s)
     # The W8A8 layer of the scaled weight, fed x / s.
     plain = nn.Linear(16, 6)
     plain.load_state_dict({"weight": linear.weight, "bias": linear.bias})
-    expected = W8A8Linear.from_float(plain, "tensor", act_scale=0.05, compute="fake")(x / s)
-    layer = InputScaledW8A8Linear.from_float(linear, "tensor", act_scale=0.05, compute="fake")
+    expected = W8A8Linear.from_float(plain, "tensor", act_scale=0.05)(x / s)
+    layer = InputScaledW8A8Linear.from_float(linear, "tensor", act_scale=0.05)
     assert torch.equal(layer.input_scale, s)
     assert torch.equal(layer(x), expected)
     assert not torch.equal(layer(x), reference(x))  # smoothing changed what is quantized

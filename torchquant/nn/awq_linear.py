@@ -1,25 +1,16 @@
-"""Inference Linear layer holding a 4-bit weight in the AWQ GEMM checkpoint layout.
+"""``AWQLinear``: a :class:`~torchquant.nn.QuantizedLinear` whose state dict is in the AWQ GEMM layout.
 
-The buffers are exactly the tensors AutoAWQ's ``WQLinear_GEMM`` writes and
-vLLM / transformers read, so a module's ``state_dict`` is an AWQ checkpoint
-entry (layout and bit order in :mod:`torchquant.ptq.awq_format`):
+The layer runs from its packed integers like every quantized Linear layer;
+its ``state_dict`` holds exactly the tensors AutoAWQ's ``WQLinear_GEMM``
+writes and vLLM / transformers read (``qweight``, ``qzeros``, ``scales``,
+``bias``; layout and bit order in :mod:`torchquant.layouts.awq`). The name
+keeps the constructors :meth:`AWQLinear.from_codes` (integer codes and grids)
+and :meth:`AWQLinear.from_packed` (checkpoint tensors), and the checkpoint's
+view of the weight (:attr:`qweight`, :attr:`qzeros`, :attr:`scales`,
+computed from the packed weight on access).
 
-* ``qweight`` int32 ``[in, out / 8]``: unsigned codes ``u = code - quant_min``
-  of the transposed weight, packed along the output dimension;
-* ``qzeros`` int32 ``[n_groups, out / 8]``: unsigned zero-points
-  ``zero - quant_min``, packed the same way (no offset);
-* ``scales`` float16 ``[n_groups, out]``;
-* ``bias`` ``[out]`` or absent: float16 from :meth:`AWQLinear.from_codes`, a
-  loaded checkpoint's own dtype otherwise.
-
-The weight is ``W[o, i] = (u[i, o] - zero_u[i // g, o]) * scales[i // g, o]``,
-formed in float32, where it is exact (a 4-bit difference times a float16),
-then rounded once to the compute dtype: the number a float16 kernel computes.
-
-A symmetric layer (``symmetric=True``: signed codes, zero-point 0) stores
-the zero-point 8 everywhere, so readers that always apply ``qzeros`` and
-readers that take ``zero_point: false`` to mean "subtract 8" agree. The format
-holds 4-bit codes only; other widths are refused with an error.
+The weight is ``W[o, i] = (u[i, o] - zero_u[i // g, o]) * scales[i // g, o]``
+with the format's float16 scales. The format holds 4-bit codes only.
 """
 from __future__ import annotations
 
@@ -28,12 +19,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from torchquant.nn.packed_linear import (PackedLinear, check_packed_tensors, check_tensor, is_int,
-                                         unsigned_zero_points)
+from torchquant.layouts.awq import AWQLayout
+from torchquant.layouts.base import check_fp16_range, check_tensor, is_int, unsigned_zero_points
+from torchquant.nn.quantized_linear import QuantizedLinear
+from torchquant.quantized_weight import QuantizedWeight
 
 __all__ = ["AWQLinear", "AWQCodes"]
-
-_FP16_MAX = torch.finfo(torch.float16).max
 
 
 class AWQCodes(NamedTuple):
@@ -44,33 +35,12 @@ class AWQCodes(NamedTuple):
     zero_points: Tensor  # float32 [out, n_groups], integers in the code domain
 
 
-def _format():
-    # Imported on use: torchquant.ptq's modules import this one, so importing
-    # the ptq package while this module loads could be circular.
-    from torchquant.ptq import awq_format
-    return awq_format
+class AWQLinear(QuantizedLinear):
+    """A quantized Linear layer saved in the AWQ GEMM layout (see the module docstring).
 
-
-def _check_fp16_range(t: Tensor, name: str, positive: bool) -> None:
-    """Finite, representable in float16 (the format's dtype) and, for scales, positive."""
-    f = t.float()
-    if not bool(torch.isfinite(f).all()) or bool((f.abs() > _FP16_MAX).any()):
-        raise ValueError(f"{name} must be finite and within float16 range (AWQ checkpoints store it as float16)")
-    if positive and (bool((f <= 0).any()) or bool((t.to(torch.float16) == 0).any())):
-        raise ValueError(f"{name} must be positive and not underflow float16; found values in "
-                         f"[{f.min().item():.3g}, {f.max().item():.3g}]")
-
-
-class AWQLinear(PackedLinear):
-    """``y = x W^T + b`` with ``W`` dequantized from AWQ GEMM buffers (see the module docstring).
-
-    Build one with :meth:`from_codes` (from integer codes and grids) or
-    :meth:`from_packed` (from checkpoint tensors); the constructor makes an
-    empty layer of the right shapes for ``load_state_dict``.
-
-    The dequantized weight is cached in the compute dtype of the last call,
-    on its device; loading a state dict or moving the module drops it. After
-    changing a buffer in place, call :meth:`clear_cache`.
+    The constructor makes a layer of zero codes of the right shapes for
+    ``load_state_dict``; build one from data with :meth:`from_codes` or
+    :meth:`from_packed`.
 
     Args:
         in_features, out_features: the layer's shape; ``out_features`` must
@@ -85,44 +55,10 @@ class AWQLinear(PackedLinear):
 
     def __init__(self, in_features: int, out_features: int, group_size: Optional[int] = 128, *, bias: bool = True,
                  bits: int = 4, symmetric: bool = False, quant_min: Optional[int] = None, device=None) -> None:
-        super().__init__()
-        _format().check_bits(bits)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if out_features % _format().PACK:
-            raise ValueError(f"out_features must be a multiple of {_format().PACK} for an AWQ layer (qweight packs "
-                             f"{_format().PACK} output columns per int32 word), got {out_features}")
-        if group_size is None or group_size == -1:
-            group_size = -1
-        elif not is_int(group_size) or group_size <= 0 or in_features % group_size:
-            raise ValueError(f"group_size must be a positive divisor of in_features = {in_features}, or -1 / None "
-                             f"for one group per row, got {group_size!r}")
-        if quant_min is None:
-            quant_min = -(1 << (bits - 1)) if symmetric else 0
-        if not is_int(quant_min):
-            raise TypeError(f"quant_min must be an integer, got {quant_min!r}")
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.group_size, self.symmetric, self.quant_min = group_size, bool(symmetric), quant_min
-        words = out_features // _format().PACK
-        self.register_buffer("qweight", torch.zeros(in_features, words, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(self.n_groups, words, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.ones(self.n_groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
-
-    @property
-    def group_columns(self) -> int:
-        """Input columns per group (``in_features`` for one group per row)."""
-        return self.in_features if self.group_size == -1 else self.group_size
-
-    @property
-    def n_groups(self) -> int:
-        return self.in_features // self.group_columns
-
-    @property
-    def symmetric_zero(self) -> int:
-        """The unsigned zero-point of a symmetric layer: the middle of the range."""
-        return 1 << (self.bits - 1)
+        layout = AWQLayout(group_size, symmetric=symmetric, quant_min=quant_min, bits=bits)
+        weight = layout.empty_weight(in_features, out_features, device)
+        b = torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None
+        super().__init__(weight, b, layout=layout)
 
     # ---- construction --------------------------------------------------------------------
 
@@ -151,30 +87,27 @@ class AWQLinear(PackedLinear):
                 check_tensor(t, name)
                 if t.device != codes.device:
                     raise ValueError(f"{name} is on {t.device} but codes are on {codes.device}")
+        layout = AWQLayout(group_size, symmetric=symmetric, quant_min=quant_min, bits=bits)
         out_features, in_features = codes.shape
-        layer = cls(in_features, out_features, group_size, bias=bias is not None, bits=bits, symmetric=symmetric,
-                    quant_min=quant_min, device=codes.device)
-        qmin, qmax, n_groups = layer.quant_min, layer.quant_max, layer.n_groups
+        layout.check_features(in_features, out_features)
+        qmin, qmax, n_groups = layout.quant_min, layout.quant_max, layout.n_groups(in_features)
         if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
             raise ValueError(f"codes must lie in [quant_min, quant_min + 15] = [{qmin}, {qmax}], got values in "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         check_tensor(scales, "scales", (out_features, n_groups), integer=False)
-        _check_fp16_range(scales, "scales", positive=True)
+        check_fp16_range(scales, "scales", positive=True, fmt="AWQ")
         check_tensor(zero_points, "zero_points", (out_features, n_groups))
         zero_u = unsigned_zero_points(zero_points, qmin, qmax)
-        if layer.symmetric and not bool((zero_u == layer.symmetric_zero).all()):
-            raise ValueError(f"zero_points of a symmetric layer must all be {layer.symmetric_zero + qmin} (unsigned "
-                             f"{layer.symmetric_zero}); pass symmetric=False for an asymmetric grid")
+        if layout.symmetric and not bool((zero_u == layout.symmetric_zero).all()):
+            raise ValueError(f"zero_points of a symmetric layer must all be {layout.symmetric_zero + qmin} (unsigned "
+                             f"{layout.symmetric_zero}); pass symmetric=False for an asymmetric grid")
         if bias is not None:
             check_tensor(bias, "bias", (out_features,), integer=False)
-            _check_fp16_range(bias, "bias", positive=False)
-        fmt = _format()
-        layer.qweight = fmt.pack_awq((codes.to(torch.int32) - qmin).t(), bits)
-        layer.qzeros = fmt.pack_awq(zero_u.t(), bits)
-        layer.scales = scales.detach().t().to(torch.float16).contiguous()
-        if bias is not None:
-            layer.bias = bias.detach().to(torch.float16).clone()
-        return layer
+            check_fp16_range(bias, "bias", positive=False, fmt="AWQ")
+        # The format's float16 scales, exactly as a checkpoint will hold them.
+        weight = QuantizedWeight.from_codes(codes, scales.detach().to(torch.float16).float(), zero_points, bits,
+                                            quant_min=qmin)
+        return cls._from_weight(weight, None if bias is None else bias.detach().to(torch.float16), layout)
 
     @classmethod
     def from_packed(cls, qweight: Tensor, qzeros: Tensor, scales: Tensor, bias: Optional[Tensor],
@@ -187,50 +120,41 @@ class AWQLinear(PackedLinear):
         ``<name>.qweight`` etc.
         """
         p = f"{name}." if name else ""
-        _format().check_bits(bits)
-        check_packed_tensors(qweight, qzeros, scales, p)
+        layout = AWQLayout(group_size, symmetric=symmetric, bits=bits)
+        check_tensor(qweight, p + "qweight")
+        if qweight.dtype != torch.int32 or qweight.dim() != 2:
+            raise ValueError(f"{p}qweight must be a 2-D torch.int32 tensor, got {qweight.dtype} of shape "
+                             f"{list(qweight.shape)}")
         in_features, words = qweight.shape
         if is_int(group_size) and group_size > 0 and in_features % group_size:
             raise ValueError(f"{p}qweight has {in_features} input rows, not a multiple of group_size = {group_size}")
-        layer = cls(in_features, words * _format().PACK, group_size, bias=bias is not None, bits=bits,
-                    symmetric=symmetric, device=qweight.device)
-        check_tensor(qzeros, p + "qzeros", tuple(layer.qzeros.shape))
-        check_tensor(scales, p + "scales", tuple(layer.scales.shape))
-        _check_fp16_range(scales, p + "scales", positive=True)
+        out_features = words * (32 // bits)
+        layout.check_features(in_features, out_features)
+        weight = layout.from_state({"qweight": qweight, "qzeros": qzeros, "scales": scales}, in_features,
+                                   out_features, name)
         if bias is not None:
-            check_tensor(bias, p + "bias", (layer.out_features,), integer=False)
-        for key, t in (("qzeros", qzeros), ("scales", scales), ("bias", bias)):
-            if t is not None and t.device != qweight.device:
-                raise ValueError(f"{p}{key} is on {t.device} but {p}qweight is on {qweight.device}")
-        if layer.symmetric:
-            zero_u = _format().unpack_awq(qzeros, bits)
-            if not bool((zero_u == layer.symmetric_zero).all()):
-                raise ValueError(f"{p}qzeros: a symmetric (zero_point: false) layer must store the zero-point "
-                                 f"{layer.symmetric_zero} everywhere; found values in [{int(zero_u.min())}, "
-                                 f"{int(zero_u.max())}]")
-        layer.qweight = qweight.contiguous()
-        layer.qzeros = qzeros.contiguous()
-        layer.scales = scales.contiguous()
-        if bias is not None:
-            layer.bias = bias.contiguous()
-        return layer
+            check_tensor(bias, p + "bias", (out_features,), integer=False)
+            if bias.device != qweight.device:
+                raise ValueError(f"{p}bias is on {bias.device} but {p}qweight is on {qweight.device}")
+        return cls._from_weight(weight, bias, layout)  # a checkpoint's bias keeps its dtype
 
-    # ---- the weight ----------------------------------------------------------------------
+    # ---- the AWQ settings and the checkpoint's view of the weight ----------------------------
+
+    group_size = property(lambda self: self.layout.group_size, doc="Columns per group, -1 for one group per row.")
+    group_columns = property(lambda self: self.layout.group_columns(self.in_features),
+                             doc="Input columns per group (``in_features`` for one group per row).")
+    n_groups = property(lambda self: self.layout.n_groups(self.in_features))
+    symmetric = property(lambda self: self.layout.symmetric)
+    symmetric_zero = property(lambda self: self.layout.symmetric_zero)
+    quant_min = property(lambda self: self.layout.quant_min)
+    quant_max = property(lambda self: self.layout.quant_max)
+
+    qweight = property(lambda self: self.checkpoint_tensor("qweight"), doc="int32 ``[in, out / 8]``.")
+    qzeros = property(lambda self: self.checkpoint_tensor("qzeros"), doc="int32 ``[n_groups, out / 8]``.")
+    scales = property(lambda self: self.checkpoint_tensor("scales"), doc="float16 ``[n_groups, out]``.")
 
     def unpack(self) -> AWQCodes:
         """Codes, scales and zero-points in torchquant's code domain."""
-        fmt = _format()
-        u = fmt.unpack_awq(self.qweight, self.bits).t()
-        zero_u = fmt.unpack_awq(self.qzeros, self.bits).t()
-        return AWQCodes(codes=(u + self.quant_min).contiguous(), scales=self.scales.float().t().contiguous(),
-                        zero_points=(zero_u + self.quant_min).float().contiguous())
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``[out, in]`` weight in ``dtype``, computed afresh (no cache)."""
-        fmt = _format()
-        g = self.group_columns
-        u = fmt.unpack_awq(self.qweight, self.bits)  # [in, out]
-        zero_u = fmt.unpack_awq(self.qzeros, self.bits).repeat_interleave(g, dim=0)  # [in, out]
-        # Exact in float32 (see the module docstring), then one rounding to dtype.
-        w = (u - zero_u).float() * self.scales.float().repeat_interleave(g, dim=0)
-        return w.t().contiguous().to(dtype)
+        w = self.quantized_weight
+        return AWQCodes(codes=w.codes(self.quant_min), scales=w.scales.clone(),
+                        zero_points=w.zero_points(self.quant_min))

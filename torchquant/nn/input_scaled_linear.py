@@ -10,13 +10,13 @@ at run time:
 
 * :class:`InputScaledLinear`: ``y = F.linear(x / input_scale, weight, bias)``,
   a float layer (``weight`` already holds the scaled columns);
-* :class:`InputScaledW8A8Linear`: its W8A8 form. The division is the first
-  step of the activation quantization (``round(x / (input_scale * step))``):
-  a fused kernel does both in one pass over ``x``; here the quotient is
-  formed and handed to :class:`~torchquant.nn.W8A8Linear`'s quantization.
+* its quantized forms: every :class:`~torchquant.nn.QuantizedLinear` (W8A8,
+  GPTQ, AWQ, torchquant's own) has an optional ``input_scale`` of its own;
+  :class:`InputScaledW8A8Linear` is the name of a
+  :class:`~torchquant.nn.W8A8Linear` that always has one.
 
-Both keep the buffer ``input_scale`` ``[in_features]`` (float32, or float64
-for float64 weights) in their ``state_dict``.
+Each keeps the buffer ``input_scale`` ``[in_features]`` (float32, or float64
+for float64 weights) in its ``state_dict``.
 """
 from __future__ import annotations
 
@@ -113,35 +113,26 @@ class InputScaledLinear(nn.Linear):
 
 
 class InputScaledW8A8Linear(W8A8Linear):
-    """:class:`~torchquant.nn.W8A8Linear` of an :class:`InputScaledLinear`: ``x / input_scale`` is quantized.
+    """A :class:`~torchquant.nn.W8A8Linear` with an ``input_scale``: ``x / input_scale`` is what gets quantized.
 
     A static ``act_scale`` (``act_granularity="tensor"``) is the grid of
     ``x / input_scale``, which is what the calibration of
-    :func:`torchquant.ptq.quantize_w8a8` measures.
+    :func:`torchquant.ptq.quantize_w8a8` measures. (``W8A8Linear.from_float``
+    of an :class:`InputScaledLinear` gives the same layer; this name keeps
+    its constructor with the buffer always there.)
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_granularity: str = "token",
-                 act_scale: Union[float, Tensor, None] = None, compute: str = "auto", *, device=None,
+                 act_scale: Union[float, Tensor, None] = None, *, device=None,
                  dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(in_features, out_features, bias, act_granularity, act_scale, compute, device=device,
-                         dtype=dtype)
-        self.register_buffer("input_scale", torch.ones(in_features, dtype=_scale_dtype(dtype), device=device))
+        super().__init__(in_features, out_features, bias, act_granularity, act_scale, input_scale=True,
+                         device=device, dtype=dtype)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act_granularity: str = "token",
-                   act_scale: Union[float, Tensor, None] = None, compute: str = "auto") -> "InputScaledW8A8Linear":
+                   act_scale: Union[float, Tensor, None] = None) -> "InputScaledW8A8Linear":
         """The W8A8 form of an :class:`InputScaledLinear` (its scaled weight, its ``input_scale``)."""
         if not isinstance(linear, InputScaledLinear):
             raise TypeError(f"InputScaledW8A8Linear.from_float expects an InputScaledLinear, got "
                             f"{type(linear).__name__}; use W8A8Linear.from_float for a plain nn.Linear")
-        layer = super().from_float(linear, act_granularity, act_scale, compute)
-        layer.input_scale = linear.input_scale.detach().clone()
-        return layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"InputScaledW8A8Linear expects a floating-point input, got {x.dtype}")
-        return super().forward(_divide(x, self.input_scale))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", input_scale=[" + str(self.in_features) + "]"
+        return super().from_float(linear, act_granularity, act_scale)

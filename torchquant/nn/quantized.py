@@ -1,10 +1,14 @@
 """Inference modules holding real integer weights (what :func:`torchquant.convert` produces).
 
-Weights are stored as packed unsigned codes (``qweight``, see
-:mod:`torchquant.formats`) with float32 ``scale`` / ``zero_point`` per grid;
-the forward dequantizes the weight and runs the float op, with the input (and
-output) fake-quantized on the grids frozen at conversion time. Outputs match
-the QAT model in eval mode bit for bit.
+:class:`QuantizedModule` is what every quantized layer shares: input and
+output quantizers frozen at conversion time, and the description
+:func:`torchquant.save_quantized` writes to rebuild it. Linear layers run
+from packed integers through the quantized-linear kernels
+(:class:`torchquant.nn.QuantizedLinear`). Convolutions and embeddings store
+packed unsigned codes (``qweight``, see :mod:`torchquant.formats`) with
+float32 ``scale`` / ``zero_point`` per grid, and dequantize the weight on
+each call, keeping no float copy; their outputs match the QAT model in eval
+mode bit for bit.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from torchquant import formats
 from torchquant.nn.fake_quantize import FakeQuantize
 from torchquant.spec import QuantSpec
 
-__all__ = ["QuantizedLinear", "QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding", "QuantizedModule"]
+__all__ = ["QuantizedConv1d", "QuantizedConv2d", "QuantizedEmbedding", "QuantizedModule", "frozen_quantizer"]
 
 
 def spec_to_dict(spec: QuantSpec) -> Dict[str, Any]:
@@ -30,11 +34,58 @@ def spec_from_dict(d: Dict[str, Any]) -> QuantSpec:
 
 
 class QuantizedModule(nn.Module):
-    """Shared storage of an integer weight and its grids."""
+    """What every quantized layer shares: frozen activation quantizers and its description for a checkpoint.
+
+    A subclass has ``weight_spec``, ``weight_shape``, the submodules (or
+    None) ``input_fake_quant`` / ``output_fake_quant``, and implements
+    :meth:`from_metadata`.
+    """
 
     # Name of the BatchNorm sibling folded into this conv (Conv+BN QAT), which
     # the float architecture still has and a loaded checkpoint must drop.
     folded_bn: Optional[str] = None
+
+    def _init_activation_quant(self, input_fq: Optional[FakeQuantize], output_fq: Optional[FakeQuantize]) -> None:
+        self.input_fake_quant = frozen_quantizer(input_fq)
+        self.output_fake_quant = frozen_quantizer(output_fq)
+
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        return self.input_fake_quant(x) if self.input_fake_quant is not None else x
+
+    def _quantize_output(self, y: Tensor) -> Tensor:
+        return self.output_fake_quant(y) if self.output_fake_quant is not None else y
+
+    def quant_metadata(self) -> Dict[str, Any]:
+        """What :func:`torchquant.load_quantized` needs to rebuild this module."""
+        meta = {"kind": type(self).__name__, "weight_spec": spec_to_dict(self.weight_spec),
+                "weight_shape": list(self.weight_shape), "config": self._config(),
+                "folded_bn": self.folded_bn}
+        for name in ("input_fake_quant", "output_fake_quant"):
+            fq = getattr(self, name)
+            meta[name] = spec_to_dict(fq.spec) if fq is not None else None
+        return meta
+
+    def _config(self) -> Dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_metadata(cls, meta: Dict[str, Any], tensors: Dict[str, Tensor]) -> "QuantizedModule":
+        """Rebuild a module saved with :meth:`quant_metadata` from its tensors (keys without prefix)."""
+        raise NotImplementedError
+
+    def _restore_activation_quant(self, meta: Dict[str, Any], tensors: Dict[str, Tensor]) -> None:
+        for name in ("input_fake_quant", "output_fake_quant"):
+            spec = meta.get(name)
+            fq = None
+            if spec is not None:
+                fq = FakeQuantize(spec_from_dict(spec)).disable_observer().eval()
+                sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+                fq.load_state_dict(sub)
+            setattr(self, name, fq)
+
+
+class _DequantizingModule(QuantizedModule):
+    """Packed codes and grids of a conv or embedding weight, dequantized on each call (no float copy is kept)."""
 
     def _store_weight(self, weight: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> None:
         self.weight_spec = spec
@@ -68,29 +119,6 @@ class QuantizedModule(nn.Module):
         w = formats.dequantize(self.weight_codes(), self.scale, self.zero_point, dtype=dtype, **self._grid_kwargs())
         return w.reshape(self.weight_shape)
 
-    def _init_activation_quant(self, input_fq: Optional[FakeQuantize], output_fq: Optional[FakeQuantize]) -> None:
-        self.input_fake_quant = _frozen(input_fq)
-        self.output_fake_quant = _frozen(output_fq)
-
-    def _quantize_input(self, x: Tensor) -> Tensor:
-        return self.input_fake_quant(x) if self.input_fake_quant is not None else x
-
-    def _quantize_output(self, y: Tensor) -> Tensor:
-        return self.output_fake_quant(y) if self.output_fake_quant is not None else y
-
-    def quant_metadata(self) -> Dict[str, Any]:
-        """What :func:`torchquant.load_quantized` needs to rebuild this module."""
-        meta = {"kind": type(self).__name__, "weight_spec": spec_to_dict(self.weight_spec),
-                "weight_shape": list(self.weight_shape), "config": self._config(),
-                "folded_bn": self.folded_bn}
-        for name in ("input_fake_quant", "output_fake_quant"):
-            fq = getattr(self, name)
-            meta[name] = spec_to_dict(fq.spec) if fq is not None else None
-        return meta
-
-    def _config(self) -> Dict[str, Any]:
-        return {}
-
     @classmethod
     def from_metadata(cls, meta: Dict[str, Any], tensors: Dict[str, Tensor]) -> "QuantizedModule":
         """Rebuild a module saved with :meth:`quant_metadata` from its tensors (keys without prefix)."""
@@ -106,14 +134,7 @@ class QuantizedModule(nn.Module):
             m.register_buffer(name, tensors[name])
         if "bias" in tensors or cls is not QuantizedEmbedding:
             m.register_buffer("bias", tensors.get("bias"))
-        for name in ("input_fake_quant", "output_fake_quant"):
-            spec = meta.get(name)
-            fq = None
-            if spec is not None:
-                fq = FakeQuantize(spec_from_dict(spec)).disable_observer().eval()
-                sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-                fq.load_state_dict(sub)
-            setattr(m, name, fq)
+        m._restore_activation_quant(meta, tensors)
         return m
 
     def _restore_config(self, config: Dict[str, Any]) -> None:
@@ -123,7 +144,8 @@ class QuantizedModule(nn.Module):
         return f"weight={self.weight_shape}, bits={self.weight_spec.bits}, granularity={self.weight_spec.granularity}"
 
 
-def _frozen(fq: Optional[FakeQuantize]) -> Optional[FakeQuantize]:
+def frozen_quantizer(fq: Optional[FakeQuantize]) -> Optional[FakeQuantize]:
+    """A copy of a calibrated quantizer with its grid fixed (observer off, eval mode), or None."""
     if fq is None:
         return None
     if not fq.is_calibrated:
@@ -136,24 +158,7 @@ def _frozen(fq: Optional[FakeQuantize]) -> Optional[FakeQuantize]:
     return frozen.disable_observer().eval()
 
 
-class QuantizedLinear(QuantizedModule):
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], scale: Tensor, zero_point: Tensor, spec: QuantSpec,
-                 input_fq: Optional[FakeQuantize] = None, output_fq: Optional[FakeQuantize] = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self._store_weight(weight, scale, zero_point, spec)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._init_activation_quant(input_fq, output_fq)
-
-    def _restore_config(self, config: Dict[str, Any]) -> None:
-        self.out_features, self.in_features = self.weight_shape
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.dequantized_weight(x.dtype)
-        return self._quantize_output(F.linear(self._quantize_input(x), w, self.bias))
-
-
-class _QuantizedConvNd(QuantizedModule):
+class _QuantizedConvNd(_DequantizingModule):
     _conv = None
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], scale: Tensor, zero_point: Tensor, spec: QuantSpec,
@@ -187,7 +192,7 @@ class QuantizedConv2d(_QuantizedConvNd):
     _conv = staticmethod(F.conv2d)
 
 
-class QuantizedEmbedding(QuantizedModule):
+class QuantizedEmbedding(_DequantizingModule):
     def __init__(self, weight: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec,
                  embedding_config: Dict[str, Any], output_fq: Optional[FakeQuantize] = None) -> None:
         super().__init__()
@@ -204,7 +209,3 @@ class QuantizedEmbedding(QuantizedModule):
     def forward(self, idx: Tensor) -> Tensor:
         c = self.embedding_config
         return self._quantize_output(F.embedding(idx, self.dequantized_weight(), c["padding_idx"]))
-
-
-QUANTIZED_MODULES = {cls.__name__: cls for cls in (QuantizedLinear, QuantizedConv1d, QuantizedConv2d,
-                                                    QuantizedEmbedding)}

@@ -796,3 +796,21 @@ def _quantize_per_token_fake(x, quant_min, quant_max):
                                f"[{quant_min}, {quant_max}]")
     codes_dtype = torch.int8 if quant_min >= -128 and quant_max <= 127 else torch.int32
     return x.new_empty(x.shape, dtype=codes_dtype), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+# Weight-only quantized linear ops (packed low-bit weights at run time).
+from .linear import (  # noqa: E402
+    dequantize_weight,
+    pack_weight,
+    packed_row_bytes,
+    quantized_linear,
+    quantized_linear_grad_input,
+    unpack_weight,
+)
+
+__all__ += ["dequantize_weight", "pack_weight", "packed_row_bytes", "quantized_linear",
+            "quantized_linear_grad_input", "unpack_weight"]
+
+# W8A8 linear (int8 activations x int8 weights).
+from .int8 import w8a8_linear  # noqa: E402
+
+__all__ += ["w8a8_linear"]

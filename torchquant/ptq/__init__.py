@@ -5,8 +5,12 @@
   (:func:`calibrate_blocks` and the :class:`BlockwisePass` a pass implements);
 * :mod:`torchquant.ptq.report`: what a pass did per layer, and the integer
   weights it produced;
-* :mod:`torchquant.ptq.packing`, :mod:`torchquant.ptq.checkpoint`: GPTQ
-  checkpoints as the GPTQ ecosystem writes and reads them;
+* :func:`rtn`: round to nearest, the baseline;
+* :func:`to_quantized_modules`: any pass's integer results as
+  :class:`~torchquant.nn.QuantizedLinear` layers in torchquant's own layout
+  (``torchquant.save_quantized``);
+* :mod:`torchquant.ptq.checkpoint`: GPTQ checkpoints as the GPTQ ecosystem
+  writes and reads them;
   :func:`to_gptq_modules` turns a GPTQ-quantized model and its report into
   :class:`~torchquant.nn.GPTQLinear` layers, ``save_gptq(model, path,
   report=report)`` does that and saves.
@@ -19,15 +23,18 @@ from torchquant.ptq.calibration import (BlockContext, BlockInput, BlockwisePass,
                                         CalibrationWarning, TokenMask, calibrate_blocks, capture_block_inputs,
                                         find_blocks, linear_layers, prepare_batches, select_tokens)
 from torchquant.ptq.checkpoint import GPTQFormatWarning, load_gptq, save_gptq, to_gptq_modules
+from torchquant.ptq.convert import to_quantized_modules
 from torchquant.ptq.gptq import DEFAULT_EXCLUDE, GPTQConfig, GPTQReport, gptq
 from torchquant.ptq.packing import pack_int32, unpack_int32
-from torchquant.ptq.report import LayerReport, PTQReport, QuantizedWeight
+from torchquant.ptq.report import LayerReport, LayerResult, PTQReport
+from torchquant.ptq.rtn import rtn
 
 __all__ = [
     "BlockContext", "BlockInput", "BlockwisePass", "BlockwiseRun", "CalibratedLayer", "CalibrationWarning",
-    "DEFAULT_EXCLUDE", "GPTQConfig", "GPTQFormatWarning", "GPTQReport", "LayerReport", "PTQReport", "QuantizedWeight",
+    "DEFAULT_EXCLUDE", "GPTQConfig", "GPTQFormatWarning", "GPTQReport", "LayerReport", "LayerResult", "PTQReport",
     "TokenMask", "calibrate_blocks", "capture_block_inputs", "find_blocks", "gptq", "linear_layers", "load_gptq",
-    "pack_int32", "prepare_batches", "save_gptq", "select_tokens", "to_gptq_modules", "unpack_int32",
+    "pack_int32", "prepare_batches", "rtn", "save_gptq", "select_tokens", "to_gptq_modules", "to_quantized_modules",
+    "unpack_int32",
 ]
 
 # AWQ: the driver, AWQ followed by GPTQ, and AutoAWQ's GEMM checkpoints.

@@ -69,15 +69,15 @@ from torchquant.nn.awq_linear import AWQLinear
 from torchquant.nn.input_scaled_linear import InputScaledLinear
 from torchquant.observers import qparams_from_range
 from torchquant.ptq import scaling
-from torchquant.ptq.awq_format import BITS as AWQ_FORMAT_BITS
-from torchquant.ptq.awq_format import PACK as AWQ_FORMAT_PACK
+from torchquant.layouts.awq import BITS as AWQ_FORMAT_BITS
+from torchquant.layouts.awq import PACK as AWQ_FORMAT_PACK
 from torchquant.ptq.calibration import (BlockContext, BlockwisePass, CalibratedLayer, Device, TokenMask,
                                         calibrate_blocks)
 from torchquant.ptq.convert import check_holds_codes, check_weight_is_result, report_layers, set_submodule
 from torchquant.ptq.gptq import GPTQReport, gptq
 from torchquant.ptq.options import (DEFAULT_EXCLUDE, check_group_size, exclude_patterns, is_excluded, is_int,
                                     is_number, layer_rows)
-from torchquant.ptq.report import NO_CALIBRATION_TOKENS, QUANTIZED, LayerReport, PTQReport, QuantizedWeight
+from torchquant.ptq.report import NO_CALIBRATION_TOKENS, QUANTIZED, LayerReport, LayerResult, PTQReport
 from torchquant.spec import QuantSpec
 
 __all__ = ["awq", "awq_then_gptq", "to_awq_modules", "AWQConfig", "AWQReport", "AWQGroup", "AWQThenGPTQ", "NO_CLIP",
@@ -248,7 +248,7 @@ class _AWQPass(BlockwisePass):
         self.config = config
         self.quant_min, self.quant_max, self.group_size = _awq_grid(spec)
         self.reports: Dict[str, LayerReport] = {}
-        self.results: Dict[str, QuantizedWeight] = {}
+        self.results: Dict[str, LayerResult] = {}
         self.groups: Dict[str, AWQGroup] = {}
         self.skipped: set = set()
 
@@ -370,7 +370,7 @@ class _AWQPass(BlockwisePass):
         if c.apply_quantization:
             weight.data.copy_(dequantized)
             g_idx = torch.arange(weight.shape[1], dtype=torch.int32) // self.group_size
-            self.results[layer.name] = QuantizedWeight.from_codes(codes, scale, zero, g_idx, self.spec)
+            self.results[layer.name] = LayerResult.from_codes(codes, scale, zero, g_idx, self.spec)
         self.reports[layer.name] = LayerReport(
             layer.name, tuple(weight.shape), QUANTIZED if c.apply_quantization else SCALED, samples=layer.rows,
             loss=loss, seconds=search_seconds + time.perf_counter() - start,
@@ -565,14 +565,15 @@ def to_awq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
     return model
 
 
-def _check_convertible(name: str, module: nn.Module, q: QuantizedWeight) -> None:
+def _check_convertible(name: str, module: nn.Module, q: LayerResult) -> None:
     where = f"to_awq_modules: layer {name!r}"
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{where} is a {type(module).__name__} in the model; only nn.Linear layers become AWQLinear")
     if isinstance(module, InputScaledLinear):
         raise ValueError(f"{where} divides its input by input_scale (AWQ scales with no layer before it to fold "
-                         "into); the AWQ GEMM layout has no input scaling. Keep the model in torchquant (its state "
-                         "dict holds input_scale) or exclude such layers from awq()")
+                         "into); the AWQ GEMM layout has no input scaling. Keep the model in torchquant's own layout "
+                         "(torchquant.ptq.to_quantized_modules: its state dict holds input_scale) or exclude such "
+                         "layers from awq()")
     if q.bits != AWQ_FORMAT_BITS:
         raise ValueError(f"{where} has {q.bits}-bit codes; the AWQ GEMM layout holds {AWQ_FORMAT_BITS}-bit codes only "
                          "(a 3-bit result can be stored in the GPTQ layout: torchquant.ptq.to_gptq_modules)")

@@ -1,28 +1,9 @@
-"""The AWQ GEMM checkpoint layout (AutoAWQ's ``WQLinear_GEMM``) and models saved in it.
+"""Models saved in the AWQ GEMM checkpoint layout (AutoAWQ's ``WQLinear_GEMM``): save_awq / load_awq.
 
-For a quantized Linear layer ``<name>`` with ``in`` inputs, ``out`` outputs and
-groups of ``g`` input columns, a checkpoint holds
-
-* ``<name>.qweight``: int32 ``[in, out / 8]``. Row ``i`` holds the unsigned
-  4-bit codes ``u = code - quant_min`` of input column ``i`` for every output,
-  eight per word along the *output* dimension in AWQ's interleaved order
-  :data:`AWQ_ORDER` = (0, 2, 4, 6, 1, 3, 5, 7): bits ``[4k, 4k + 4)`` of word
-  ``j`` hold output ``8j + AWQ_ORDER[k]``. This is the order AutoAWQ's packer
-  (``WQLinear_GEMM.from_linear``) writes and its kernels and
-  ``unpack_awq`` / ``reverse_awq_order`` read (:data:`AWQ_REVERSE_ORDER` is
-  the inverse permutation).
-* ``<name>.qzeros``: int32 ``[in / g, out / 8]``, the unsigned zero-points
-  ``zero - quant_min`` packed the same way, stored as they are (GPTQ's v1
-  format stores ``zero - 1``; AWQ does not).
-* ``<name>.scales``: float16 ``[in / g, out]``.
-* ``<name>.bias``: ``[out]``, float16 as AutoAWQ writes it, if the layer has one.
-
-and ``W[o, i] = (u[i, o] - zero_u[i // g, o]) * scales[i // g, o]``.
-
-Only 4-bit codes exist in this layout (AutoAWQ refuses other widths). A 3-bit
-AWQ result stays usable inside torchquant (the AWQ ops work for any width:
-apply the scales and clips, then fake-quantize or convert) and can be stored in
-the GPTQ layout, which has 3 bits (:class:`torchquant.nn.GPTQLinear`).
+Each quantized Linear layer is an :class:`~torchquant.nn.AWQLinear`, whose
+state dict is the layout's ``qweight`` / ``qzeros`` / ``scales`` (/ ``bias``);
+the layout itself, its bit order and :func:`pack_awq` / :func:`unpack_awq`
+live in :mod:`torchquant.layouts.awq`.
 
 A saved model is a folder with ``model.safetensors`` (every parameter and
 buffer; float layers as they are) and AutoAWQ's ``quant_config.json``::
@@ -41,9 +22,9 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch import Tensor, nn
 
+from torchquant.layouts.awq import AWQ_ORDER, AWQ_REVERSE_ORDER, BITS, PACK, check_bits, pack_awq, unpack_awq
 from torchquant.nn.awq_linear import AWQLinear
 from torchquant.ptq.convert import check_layer_tensors, check_load_target, place_like, set_submodule
 from torchquant.ptq.safetensors_io import (WEIGHTS_FILE, PathLike, load_state, read_checkpoint, state_tensors,
@@ -52,64 +33,10 @@ from torchquant.ptq.safetensors_io import (WEIGHTS_FILE, PathLike, load_state, r
 __all__ = ["AWQ_ORDER", "AWQ_REVERSE_ORDER", "BITS", "PACK", "CONFIG_FILE", "WEIGHTS_FILE", "check_bits",
            "pack_awq", "unpack_awq", "save_awq", "load_awq", "read_awq_config"]
 
-BITS = 4
-PACK = 32 // BITS  # codes per int32 word
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column held by nibble k of a word
-AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(c) for c in range(PACK))  # the nibble holding column c
-
 CONFIG_FILE = "quant_config.json"
 _METADATA_KEY = "quantization_config"
 _CONFIG_KEYS = ("quant_method", "zero_point", "q_group_size", "group_size", "w_bit", "bits", "version",
                 "modules_to_not_convert")
-
-_SHIFTS = tuple(range(0, 32, BITS))
-_WORD = 1 << 32
-
-
-def check_bits(bits) -> None:
-    if isinstance(bits, bool) or bits != BITS:
-        raise ValueError(f"the AWQ GEMM layout holds {BITS}-bit codes only (AutoAWQ's WQLinear_GEMM), got "
-                         f"bits={bits!r}. A 3-bit AWQ result stays usable inside torchquant (apply the searched "
-                         f"scales and clips, then fake-quantize), or store it in the GPTQ layout "
-                         f"(torchquant.nn.GPTQLinear), which has 3 bits")
-
-
-def pack_awq(values: Tensor, bits: int = BITS) -> Tensor:
-    """Unsigned 4-bit codes ``[rows, cols]`` packed along the columns in AWQ order: int32 ``[rows, cols / 8]``.
-
-    ``cols`` must be a multiple of 8. Words are two's complement (bit 31 set
-    reads as negative), as in the checkpoints.
-    """
-    check_bits(bits)
-    if not isinstance(values, Tensor):
-        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
-    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-        raise TypeError(f"values must be an integer tensor, got {values.dtype}")
-    if values.dim() != 2 or values.shape[1] % PACK:
-        raise ValueError(f"values must be 2-D with a multiple of {PACK} columns (packed {PACK} to an int32 word), "
-                         f"got shape {list(values.shape)}")
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) > (1 << bits) - 1):
-        raise ValueError(f"values must lie in [0, {(1 << bits) - 1}] (unsigned {bits}-bit codes), got values in "
-                         f"[{int(values.min())}, {int(values.max())}]")
-    rows, cols = values.shape
-    # Nibble k of word j takes column 8j + AWQ_ORDER[k]; int64 keeps bit 31 well defined.
-    nibbles = values.to(torch.int64).reshape(rows, cols // PACK, PACK)[..., list(AWQ_ORDER)]
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=values.device)
-    words = (nibbles << shifts).sum(dim=-1)  # disjoint bits: the sum is the bitwise or
-    return torch.where(words >= _WORD // 2, words - _WORD, words).to(torch.int32)
-
-
-def unpack_awq(words: Tensor, bits: int = BITS) -> Tensor:
-    """Inverse of :func:`pack_awq`: int32 codes ``[rows, words * 8]`` in ``[0, 15]``."""
-    check_bits(bits)
-    if not isinstance(words, Tensor):
-        raise TypeError(f"words must be a torch.Tensor, got {type(words).__name__}")
-    if words.dtype != torch.int32 or words.dim() != 2:
-        raise ValueError(f"words must be a 2-D int32 tensor (packed AWQ words), got {words.dtype} of shape "
-                         f"{list(words.shape)}")
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=words.device)
-    nibbles = (words.to(torch.int64)[..., None] >> shifts) & ((1 << bits) - 1)  # [rows, words, 8]: nibble k
-    return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], -1).to(torch.int32)
 
 
 # ---- saving -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A checkpoint is a folder with
 
 * ``model.safetensors``: for every quantized layer ``<name>.qweight``,
   ``<name>.qzeros``, ``<name>.scales``, ``<name>.g_idx`` and ``<name>.bias``
-  (layout in :mod:`torchquant.nn.gptq_linear`), plus every other parameter
+  (layout in :mod:`torchquant.layouts.gptq`), plus every other parameter
   and buffer of the model as it is; the quantize config is embedded in the
   file's metadata under ``"quantize_config"``;
 * ``quantize_config.json``: ``bits``, ``group_size`` (-1: none), ``desc_act``,
@@ -52,10 +52,10 @@ import torch
 from torch import Tensor, nn
 
 from torchquant.nn.gptq_linear import GPTQLinear
-from torchquant.ptq.packing import SUPPORTED_BITS, pack_int32, unpack_int32
+from torchquant.layouts.gptq_words import SUPPORTED_BITS, pack_int32, unpack_int32
 from torchquant.ptq.convert import (check_holds_codes, check_layer_tensors, check_load_target, check_weight_is_result,
                                     place_like, report_layers, set_submodule)
-from torchquant.ptq.report import PTQReport, QuantizedWeight
+from torchquant.ptq.report import LayerResult, PTQReport
 from torchquant.ptq.safetensors_io import (WEIGHTS_FILE, PathLike, load_state, read_checkpoint, state_tensors,
                                            write_folder)
 
@@ -126,7 +126,7 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
     Returns ``model``.
     """
     layers = report_layers(model, report, "to_gptq_modules", "torchquant.ptq.gptq(...)")
-    todo: List[Tuple[str, nn.Linear, QuantizedWeight]] = []
+    todo: List[Tuple[str, nn.Linear, LayerResult]] = []
     kept: Dict[str, str] = {}
     for name, module, q in layers:
         if isinstance(module, GPTQLinear):
@@ -142,7 +142,7 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
             raise ValueError(f"to_gptq_modules: {name!r} divides its input by input_scale at run time (AWQ or "
                              "SmoothQuant scaling with no layer before it to fold into), which the GPTQ format "
                              "cannot store; exclude such layers from the scaling pass, or keep the model in "
-                             "torchquant's own format")
+                             "torchquant's own layout (torchquant.ptq.to_quantized_modules)")
         if tuple(module.weight.shape) != tuple(q.unsigned_codes.shape):
             raise ValueError(f"to_gptq_modules: {name!r} has weight shape {list(module.weight.shape)} but the "
                              f"report's codes are {list(q.unsigned_codes.shape)}")
@@ -167,7 +167,7 @@ def to_gptq_modules(model: nn.Module, report: PTQReport) -> nn.Module:
     return model
 
 
-def _unsupported_shape(module: nn.Linear, q: QuantizedWeight) -> Optional[str]:
+def _unsupported_shape(module: nn.Linear, q: LayerResult) -> Optional[str]:
     if q.bits not in SUPPORTED_BITS:
         return f"{q.bits}-bit codes; the format packs {', '.join(map(str, SUPPORTED_BITS))} bits"
     bad = [f"{attr}={getattr(module, attr)}" for attr in ("in_features", "out_features") if getattr(module, attr) % 32]
@@ -176,11 +176,11 @@ def _unsupported_shape(module: nn.Linear, q: QuantizedWeight) -> Optional[str]:
     return None
 
 
-def _group_size(q: QuantizedWeight) -> Optional[int]:
+def _group_size(q: LayerResult) -> Optional[int]:
     return q.spec.group_size if q.spec.granularity == "group" else None
 
 
-def _gptq_layer(module: nn.Linear, q: QuantizedWeight) -> GPTQLinear:
+def _gptq_layer(module: nn.Linear, q: LayerResult) -> GPTQLinear:
     device = module.weight.device
     bias = None if module.bias is None else module.bias.detach()
     return GPTQLinear.from_codes(q.codes.to(device), q.scales.to(device), q.zero_points.to(device),
@@ -234,12 +234,10 @@ def save_gptq(model: nn.Module, path: PathLike, quantize_config: Optional[Dict[s
         config["dynamic"] = dynamic
     config["lm_head"] = any(name.rpartition(".")[2] == "lm_head" for name in layers)
 
-    tensors = state_tensors(model)
-    for name, m in layers.items():
-        # The format's dtype; exact, since the module's scales came from float16.
-        tensors[f"{name}.scales"] = m.scales.detach().to(torch.float16).contiguous()
-        if config["checkpoint_format"] == "gptq":
-            tensors[f"{name}.qzeros"] = qzeros_to_v1(m.qzeros, m.bits, name)
+    tensors = state_tensors(model)  # each GPTQLinear's in the GPTQ layout, true zero-points (v2)
+    if config["checkpoint_format"] == "gptq":
+        for name, m in layers.items():
+            tensors[f"{name}.qzeros"] = qzeros_to_v1(tensors[f"{name}.qzeros"], m.bits, name)
 
     text = json.dumps(config, indent=2)
     write_folder(path, tensors, _METADATA_KEY, text, CONFIG_FILE, text)
@@ -318,8 +316,9 @@ def load_gptq(model: nn.Module, path: PathLike) -> nn.Module:
     modules = dict(model.named_modules())
     for name in names:
         layer = _load_layer(name, modules.get(name), tensors, settings, path)
-        tensors[f"{name}.qzeros"] = layer.qzeros
-        tensors[f"{name}.g_idx"] = layer.g_idx
+        # What the layer's state dict reads: true zero-points, and g_idx where the file leaves it out.
+        tensors[f"{name}.qzeros"] = layer.checkpoint_tensor("qzeros")
+        tensors.setdefault(f"{name}.g_idx", layer.checkpoint_tensor("g_idx"))
         set_submodule(model, name, layer)
     load_state(model, tensors, path, "load_gptq")
     return model.eval()

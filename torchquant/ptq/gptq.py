@@ -30,8 +30,8 @@ from torchquant.ptq.calibration import (BlockContext, BlockwisePass, CalibratedL
                                         calibrate_blocks)
 from torchquant.ptq.options import (DEFAULT_EXCLUDE, check_group_size, exclude_patterns, is_excluded, is_int,
                                     layer_rows)
-from torchquant.ptq.report import (NO_CALIBRATION_TOKENS, QUANTIZED, RTN_FALLBACK, LayerReport, PTQReport,
-                                   QuantizedWeight)
+from torchquant.ptq.report import (NO_CALIBRATION_TOKENS, QUANTIZED, RTN_FALLBACK, LayerReport, LayerResult,
+                                   PTQReport)
 from torchquant.spec import QuantSpec
 
 __all__ = ["gptq", "GPTQConfig", "GPTQReport", "DEFAULT_EXCLUDE"]
@@ -80,7 +80,7 @@ class GPTQConfig:
 class GPTQReport(PTQReport):
     """:class:`~torchquant.ptq.report.PTQReport` of a GPTQ run, with its spec and settings.
 
-    ``results`` holds a :class:`~torchquant.ptq.report.QuantizedWeight` per
+    ``results`` holds a :class:`~torchquant.ptq.report.LayerResult` per
     quantized layer (codes, scales, zero-points, g_idx on CPU); each layer's
     ``details["damp"]`` is the absolute damping added to the Hessian
     diagonal, or ``None`` when it fell back to round-to-nearest.
@@ -156,7 +156,7 @@ class _GPTQPass(BlockwisePass):
                 clip_max_shrink=c.clip_max_shrink, rtn_fallback=c.rtn_fallback, layer_name=layer.name)
             weight.data.copy_(result.weight_q)
             damp = float(result.damp)  # -1: the op fell back to round-to-nearest (and warned)
-            self.results[layer.name] = QuantizedWeight.from_codes(
+            self.results[layer.name] = LayerResult.from_codes(
                 result.codes, result.scales, result.zero_points, result.g_idx, self.spec, c.act_order, c.static_groups)
             self.reports[layer.name] = LayerReport(
                 layer.name, tuple(weight.shape), RTN_FALLBACK if damp < 0 else QUANTIZED, samples=layer.rows,

@@ -4,7 +4,7 @@ Every pass (GPTQ, AWQ, SmoothQuant) returns a :class:`PTQReport`: one
 :class:`LayerReport` per ``nn.Linear`` of the model, quantized or not, with
 the reason when not, so a layer never drops out of the picture silently.
 Passes that produce integer weights also keep, per quantized layer, a
-:class:`QuantizedWeight` (codes and grids) from which a checkpoint is written.
+:class:`LayerResult` (codes and grids) from which a checkpoint is written.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from torchquant.spec import QuantSpec
 
 __all__ = [
-    "LayerReport", "PTQReport", "QuantizedWeight",
+    "LayerReport", "LayerResult", "PTQReport",
     "QUANTIZED", "RTN_FALLBACK", "NO_CALIBRATION_TOKENS", "EXCLUDED", "OUTSIDE_BLOCKS",
 ]
 
@@ -61,8 +61,11 @@ class LayerReport:
 
 
 @dataclass
-class QuantizedWeight:
-    """The integer form of one quantized ``[out, in]`` weight, kept on CPU.
+class LayerResult:
+    """The integer form of one quantized ``[out, in]`` weight as a pass produced it, kept on CPU.
+
+    (What a layer computes from is a :class:`torchquant.quantized_weight.QuantizedWeight`, packed for the
+    kernels; :func:`torchquant.ptq.to_quantized_modules` and the layout converters build one from this.)
 
     ``dequantized = (codes - zero_points[:, g_idx]) * scales[:, g_idx]``,
     column by column. Codes are held unsigned (``code - quant_min``, the GPTQ
@@ -122,10 +125,10 @@ class QuantizedWeight:
 
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zero_points: Tensor, g_idx: Tensor, spec: QuantSpec,
-                   act_order: bool = False, static_groups: bool = False) -> "QuantizedWeight":
+                   act_order: bool = False, static_groups: bool = False) -> "LayerResult":
         """From int32 codes in the op convention; everything is copied to CPU."""
         if spec.bits > 8:
-            raise ValueError(f"QuantizedWeight holds codes of up to 8 bits, got spec.bits={spec.bits}")
+            raise ValueError(f"LayerResult holds codes of up to 8 bits, got spec.bits={spec.bits}")
         unsigned = (codes.detach().to("cpu", torch.int32) - spec.quant_min).to(torch.uint8)
         return cls(unsigned, scales.detach().to("cpu", torch.float32), zero_points.detach().to("cpu", torch.float32),
                    g_idx.detach().to("cpu", torch.int32), spec, act_order, static_groups)
@@ -151,7 +154,7 @@ class PTQReport:
     blocks: Optional[str] = None
     num_blocks: int = 1
     seconds: float = 0.0
-    results: Dict[str, QuantizedWeight] = field(default_factory=dict)
+    results: Dict[str, LayerResult] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> LayerReport:
         for layer in self.layers:

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchquant import formats, ops
-from torchquant.nn.input_scaled_linear import InputScaledLinear, InputScaledW8A8Linear
+from torchquant.layouts.w8a8 import int8_weight_grid
+from torchquant.nn.input_scaled_linear import InputScaledLinear
 from torchquant.nn.w8a8_linear import W8A8Linear
 from torchquant.observers import qparams_from_range
 from torchquant.ptq.calibration import (BlockContext, BlockwisePass, CalibratedLayer, Device, TokenMask,
@@ -225,14 +226,11 @@ def _static_act_scale(absmax: Tensor) -> Tensor:
 
 
 def _w8a8_weight(weight: Tensor, s: Tensor) -> Tensor:
-    """float32: ``weight diag(s)`` (rounded to the weight's dtype, as the fold does) as W8A8Linear holds it,
-    dequantized (its fake path dequantizes on every call; the search does it once)."""
-    linear = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=False,
-                                      device=weight.device, dtype=weight.dtype)
+    """float32: ``weight diag(s)`` (rounded to the weight's dtype, as the fold does) on W8A8Linear's weight
+    grid, dequantized once for the search."""
     wide = torch.promote_types(weight.dtype, s.dtype)
-    linear.weight.data.copy_(weight.detach().to(wide) * s.to(wide))
-    layer = W8A8Linear.from_float(linear, compute="fake")
-    return formats.dequantize(layer.weight_codes, layer.weight_scales, torch.zeros_like(layer.weight_scales), axis=0)
+    codes, scales = int8_weight_grid((weight.detach().to(wide) * s.to(wide)).to(weight.dtype))
+    return formats.dequantize(codes, scales, torch.zeros_like(scales), axis=0)
 
 
 def _w8a8_input(x: Tensor, act_scale: Optional[Tensor]) -> Tensor:
@@ -579,13 +577,14 @@ class _ActRangePass(BlockwisePass):
 def quantize_w8a8(model: nn.Module, *, act_granularity: str = "tensor", calibration_batches: Optional[Iterable] = None,
                   static: Optional[bool] = None, exclude: Union[str, Sequence[str]] = DEFAULT_EXCLUDE,
                   blocks: Optional[str] = None, device: Device = None, token_mask: TokenMask = "auto",
-                  compute: str = "auto", progress: bool = True) -> PTQReport:
+                  progress: bool = True) -> PTQReport:
     """Replace every ``nn.Linear`` in the blocks of ``model`` by a :class:`~torchquant.nn.W8A8Linear`, in place.
 
-    Weights: symmetric int8 per output channel. An
+    Weights: symmetric int8 per output channel; the layers run the int8
+    kernel (``torchquant.ops.w8a8_linear``). An
     :class:`~torchquant.nn.InputScaledLinear` (SmoothQuant's online scale)
-    becomes an :class:`~torchquant.nn.InputScaledW8A8Linear`: ``x /
-    input_scale`` is what gets quantized.
+    becomes a W8A8Linear with its ``input_scale``: ``x / input_scale`` is
+    what gets quantized.
 
     Args:
         model: a float model (smoothed or not).
@@ -606,8 +605,6 @@ def quantize_w8a8(model: nn.Module, *, act_granularity: str = "tensor", calibrat
             outside the blocks stay in floating point.
         device, token_mask, progress: of the calibration walk
             (:func:`~torchquant.ptq.calibration.calibrate_blocks`).
-        compute: the product of the W8A8 layers (``"auto"``, ``"int8"``,
-            ``"fake"``; see :class:`~torchquant.nn.W8A8Linear`).
 
     Returns:
         A :class:`~torchquant.ptq.report.PTQReport` (``method="W8A8"``): per
@@ -665,8 +662,7 @@ def quantize_w8a8(model: nn.Module, *, act_granularity: str = "tensor", calibrat
                                  "the layer, exclude it, or use act_granularity='token')")
             act_scale = _static_act_scale(torch.tensor([m]))
             details.update(act_max=m, act_scale=float(act_scale))
-        cls = InputScaledW8A8Linear if isinstance(linear, InputScaledLinear) else W8A8Linear
-        quantized = cls.from_float(linear, act_granularity, act_scale, compute)
+        quantized = W8A8Linear.from_float(linear, act_granularity, act_scale)  # keeps an input_scale
         set_submodule(model, name, quantized)
         reports[name] = LayerReport(name, shape, QUANTIZED, samples=ranges.rows.get(name, 0), details=details)
 

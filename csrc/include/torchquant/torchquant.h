@@ -5,3 +5,4 @@
 #include "torchquant/gptq.h"
 #include "torchquant/awq.h"
 #include "torchquant/smoothquant.h"
+#include "torchquant/runtime.h"

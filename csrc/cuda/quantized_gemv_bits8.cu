@@ -1,0 +1,6 @@
+// The GEMV kernels of quantized_linear for 8-bit codes (quantized_gemv.cuh).
+#include "quantized_gemv.cuh"
+
+namespace torchquant::cuda::gemv {
+template void launch_bits<8>(const GemvArgs&, bool, bool, int, cudaStream_t);
+}  // namespace torchquant::cuda::gemv
