@@ -152,7 +152,8 @@ template <typename Error, typename Call>
     call();
   } catch (const Error& e) {
     if (e.msg().find(needle) != std::string::npos) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << "message does not mention '" << needle << "': " << e.msg();
+    return ::testing::AssertionFailure()
+           << "message does not mention '" << needle << "': " << e.msg();
   } catch (const c10::Error& e) {
     return ::testing::AssertionFailure() << "wrong exception type: " << e.msg();
   }
@@ -164,9 +165,12 @@ TEST(RuntimeLinear, Errors) {
   const at::Tensor x = at::randn({2, 64});
   auto linear = [&](const at::Tensor& in, const at::Tensor& packed, int64_t bits,
                     std::optional<at::Tensor> lut, std::optional<at::Tensor> perm) {
-    return [=] { torchquant::quantized_linear(in, packed, w.scales, w.zeros, bits, 64, lut, perm); };
+    return [=] {
+      torchquant::quantized_linear(in, packed, w.scales, w.zeros, bits, 64, lut, perm);
+    };
   };
-  EXPECT_TRUE(raises<c10::TypeError>(linear(x, w.packed.to(at::kChar), 4, {}, {}), "packed must be uint8"));
+  EXPECT_TRUE(
+      raises<c10::TypeError>(linear(x, w.packed.to(at::kChar), 4, {}, {}), "packed must be uint8"));
   EXPECT_TRUE(raises<c10::ValueError>(linear(x, w.packed.narrow(1, 0, 16), 4, {}, {}),
                                       "packed must have shape [out_features, 32]"));
   EXPECT_TRUE(raises<c10::ValueError>(linear(x, w.packed, 5, {}, {}), "bits must be 2, 3, 4 or 8"));
@@ -176,7 +180,8 @@ TEST(RuntimeLinear, Errors) {
       linear(x, torchquant::pack_weight(w.codes, 8), 8, at::rand({16}), {}), "needs bits == 4"));
   at::Tensor bad_perm = at::arange(64);
   bad_perm.index_put_({0}, 64);
-  EXPECT_TRUE(raises<c10::ValueError>(linear(x, w.packed, 4, {}, bad_perm), "perm must hold indices"));
+  EXPECT_TRUE(
+      raises<c10::ValueError>(linear(x, w.packed, 4, {}, bad_perm), "perm must hold indices"));
   // (A meta tensor mixed with CPU ones dispatches to the fake kernel, which is
   // registered from Python: tests/python/test_runtime_linear_errors.py.)
   EXPECT_TRUE(raises<c10::ValueError>([&] { torchquant::pack_weight(w.codes + 1, 4); },

@@ -3,6 +3,8 @@ op and the argument, in eager mode on CPU and in the fake kernels (meta
 tensors), including a meta tensor mixed with CPU ones."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -53,7 +55,8 @@ CASES = [
     ("lut shape", lambda w: dict(lut=torch.rand(8)), ValueError, "lut must have shape [16]"),
     ("lut dtype", lambda w: dict(lut=ref.NF4.half()), TypeError, "lut must be float32"),
     ("input dtype", lambda w: dict(input=torch.ones(3, K, dtype=torch.int32)), TypeError, "input must be float32"),
-    ("input last dim", lambda w: dict(input=torch.randn(3, K - 1)), ValueError, "input must have shape [..., in_features"),
+    ("input last dim", lambda w: dict(input=torch.randn(3, K - 1)), ValueError,
+     "input must have shape [..., in_features"),
     ("perm dtype", lambda w: dict(perm=torch.arange(K, dtype=torch.int32)), TypeError, "perm must be int64"),
     ("perm shape", lambda w: dict(perm=torch.arange(K - 1)), ValueError, "perm must have shape"),
     ("bias shape", lambda w: dict(bias=torch.randn(N + 1)), ValueError, "bias must have shape"),
@@ -72,7 +75,6 @@ def test_quantized_linear_errors(w, name, over, exc, text):
 
 
 def _escape(text):
-    import re
     return re.escape(text)
 
 
@@ -112,7 +114,8 @@ def test_all_meta_gives_shapes(w):
 
 
 def test_grad_input_errors(w):
-    with pytest.raises(ValueError, match=r"quantized_linear_grad_input: grad_output must have shape \[\.\.\., out_features=8\]"):
+    with pytest.raises(ValueError,
+                       match=r"quantized_linear_grad_input: grad_output must have shape \[\.\.\., out_features=8\]"):
         OPS.quantized_linear_grad_input(torch.randn(2, N + 1), w.packed, w.scales, w.zeros, 4, K)
     with pytest.raises(TypeError, match="grad_output must be float32"):
         OPS.quantized_linear_grad_input(torch.ones(2, N, dtype=torch.int64), w.packed, w.scales, w.zeros, 4, K)
