@@ -4,7 +4,7 @@
 // device. The semantics follow the reference implementations (llm-awq's
 // auto_scale / auto_clip, AutoAWQ's AwqQuantizer); where torchquant's own
 // conventions differ (the min/max grid, float32 statistics) the op docs in
-// csrc/ops.cpp and torchquant/ops.py say so.
+// csrc/ops.cpp and torchquant/ops/ say so.
 #pragma once
 
 #include <ATen/core/Tensor.h>

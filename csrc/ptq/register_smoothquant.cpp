@@ -1,6 +1,6 @@
 // Registrations of the SmoothQuant ops. They are written in ATen
 // (smoothquant.cpp), so one kernel at CompositeExplicitAutograd serves every
-// backend; the fake kernels for torch.compile are in torchquant/ops.py. They
+// backend; the fake kernels for torch.compile are in torchquant/ops/. They
 // are not differentiable: at the Autograd key they run below autograd, so
 // their outputs never require grad and smoothquant_fold_ edits the weights of
 // nn.Parameters as plain data (ADInplaceOrView still runs, so their version
