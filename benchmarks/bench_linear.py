@@ -8,6 +8,9 @@ For each layer shape (out x in) and batch size M, in one process, it times
   W4, W3 and W2 with groups of 128, W8 per-channel, and the 4-bit lookup table
   with the NF4 levels (groups of 64); W8A8 (``torch.ops.torchquant.w8a8_linear``,
   dynamic per-token activation grids, per-channel weights);
+* LLM.int8() (the same op with ``outlier_threshold=6``: outlier input
+  columns in float, the rest int8); the inputs hold outlier columns in
+  every 512th feature (magnitude 8 in every token), as LLM activations do;
 * ``nn.Linear`` in float32 (the baseline of the ratios) and in bfloat16
   (bfloat16 activations);
 * ``torch._weight_int8pack_mm`` (int8 per-channel weights) and
@@ -145,6 +148,19 @@ def int8_per_channel(w: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.round(w / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8), scales
 
 
+# LLM.int8()'s threshold, and the share of input columns the inputs make outliers (the paper finds
+# them in about 0.1% of the hidden dimensions, in most tokens, from 6.7B parameters on).
+OUTLIER_THRESHOLD = 6.0
+OUTLIER_COLUMN_SHARE = 1 / 512
+
+
+def with_outlier_columns(x: Tensor) -> Tensor:
+    """``x`` with a few systematic outlier feature columns: every 512th column at magnitude 8 in every token."""
+    x = x.clone()
+    x[:, :: int(1 / OUTLIER_COLUMN_SHARE)] *= 8.0 / x[:, :: int(1 / OUTLIER_COLUMN_SHARE)].abs().clamp_min(1e-3)
+    return x
+
+
 def w8a8_weight(w: Tensor) -> Codes:
     q, scales = int8_per_channel(w)
     scales = scales.unsqueeze(1)
@@ -152,7 +168,7 @@ def w8a8_weight(w: Tensor) -> Codes:
                            int8_activations=True)
 
 
-def w8a8_reference(x: Tensor, q: Codes) -> Tensor:
+def w8a8_reference(x: Tensor, q: Codes, zero_columns: Optional[Tensor] = None) -> Tensor:
     """W8A8 with dynamic per-token grids in plain PyTorch (the op's documented semantics).
 
     s_x = max(max |x[m, :]| / 127.5, eps); codes = clamp(round(x * (1 / s_x)), -128, 127)
@@ -162,6 +178,8 @@ def w8a8_reference(x: Tensor, q: Codes) -> Tensor:
     """
     s_x = (x.abs().amax(-1, keepdim=True) / 127.5).clamp_min(EPS32)
     codes = torch.round(x * s_x.reciprocal()).clamp(-128, 127)
+    if zero_columns is not None:  # LLM.int8(): the outlier columns leave the int8 product
+        codes[:, zero_columns] = 0
     acc = codes.double() @ (q.codes.double() - 128).t()
     return acc.float() * s_x * q.scales.t()
 
@@ -368,6 +386,27 @@ class TorchquantW8A8(Impl):
         return lambda x: (w8a8_reference(x.cpu(), q).to(x.device), F.linear(x.abs(), magnitude))
 
 
+class TorchquantLlmInt8(TorchquantW8A8):
+    """LLM.int8(): W8A8 per token with the outlier columns (|x| >= 6 in any token) multiplied in float."""
+    key, label = "llm_int8", f"torchquant LLM.int8() (threshold {OUTLIER_THRESHOLD:g})"
+
+    def __call__(self, layer, x):
+        return TQ.w8a8_linear(x, *layer, outlier_threshold=OUTLIER_THRESHOLD)
+
+    def reference(self, layer, w):
+        q = w8a8_weight(w)
+        w_float = (q.codes.float() - 128) * q.scales
+        magnitude = w_float.abs().to(layer[0].device)
+
+        def ref(x):
+            xc = x.cpu()
+            outliers = (xc.abs() >= OUTLIER_THRESHOLD).any(dim=0)
+            inliers = xc.masked_fill(xc.abs() >= OUTLIER_THRESHOLD, 0.0)
+            y = w8a8_reference(inliers, q, zero_columns=outliers) + xc[:, outliers] @ w_float[:, outliers].t()
+            return y.to(x.device), F.linear(x.abs(), magnitude)
+        return ref
+
+
 class Int8PackMM(Impl):
     key, label = "int8pack", "torch._weight_int8pack_mm (per-channel)"
 
@@ -488,6 +527,7 @@ def implementations(device: torch.device) -> List[Impl]:
         TorchquantWeightOnly("nf4", f"torchquant NF4 lookup table g{LUT_GROUP_SIZE}",
                              lambda w: nf4(w, LUT_GROUP_SIZE)),
         TorchquantW8A8(),
+        TorchquantLlmInt8(),
         Int8PackMM(),
         Int4PackMM(device),
         FbgemmDynamic(),
@@ -988,7 +1028,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for shape in args.shape_list:
                 pool = WeightPool(*shape)
                 gen = torch.Generator().manual_seed(7)
-                inputs = {m: torch.randn(m, shape[1], generator=gen).to(device) for m in args.m_list}
+                inputs = {m: with_outlier_columns(torch.randn(m, shape[1], generator=gen)).to(device)
+                          for m in args.m_list}
                 results: Dict[str, Dict[int, Result]] = {}
                 skipped: Dict[str, str] = {}
                 resident[shape] = {}

@@ -120,7 +120,23 @@ TORCH_LIBRARY(torchquant, m) {
   // [1] tensor: one static symmetric grid, codes clamp(round(x / input_scale), -128, 127).
   // y = acc * s_x * s_w + bias in float32, returned in x's dtype. Autograd: the
   // straight-through input gradient dy W.
+  // outlier_threshold > 0 (dynamic per-token grids only) is LLM.int8() (Dettmers et al.
+  // 2022): the input columns holding a value with |x| >= outlier_threshold in any token
+  // are multiplied in x's dtype against those columns of the dequantized weight; the
+  // others through the int8 product, each token's grid found over its values below the
+  // threshold. 0 turns the decomposition off.
   m.def(
       "w8a8_linear(Tensor input, Tensor packed, Tensor scales, Tensor? input_scale=None, "
-      "Tensor? bias=None) -> Tensor");
+      "Tensor? bias=None, float outlier_threshold=0.0) -> Tensor");
+
+  // ---- Lookup-table (NF4 / FP4, double quantization) codes, block-wise absmax scaling ----
+  // x (float, any shape) in consecutive blocks of block_size values of its flattened
+  // form (the last block may be shorter): absmax [ceil(numel / block_size)] float32 =
+  // max |x| of each block; codes uint8 (x's shape) = the level of `lut` (float32 [L],
+  // 2 <= L <= 256, any order) nearest to x * (1 / max(absmax, 1e-38)) clamped to
+  // [-1, 1], a value on a midpoint going to the lower level (torch.bucketize's rule,
+  // as bitsandbytes quantizes).
+  m.def("lut_quantize(Tensor x, Tensor lut, int block_size) -> (Tensor codes, Tensor absmax)");
+  // float32 (codes' shape) = lut[codes] * absmax[block]: the inverse of lut_quantize.
+  m.def("lut_dequantize(Tensor codes, Tensor absmax, Tensor lut, int block_size) -> Tensor");
 }

@@ -9,13 +9,16 @@
 * ``torchquant.QuantizedWeight`` and ``torchquant.nn.QuantizedLinear``: the one
   integer-weight model every quantized Linear layer runs, from packed codes
   (``torchquant.layouts``: the GPTQ, AWQ, W8A8 and torchquant checkpoint
-  layouts of its state dict).
+  layouts of its state dict);
+* ``torchquant.ptq``: RTN, GPTQ, AWQ, SmoothQuant, NF4 / FP4 and LLM.int8();
+* ``torchquant.qlora``: LoRA adapters over a frozen NF4 base, saved as PEFT does.
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from torchquant import _C  # noqa: F401  (loads the library that registers the ops)
 from torchquant import layouts, nn, observers, ops, qat
 from torchquant import ptq  # noqa: F401  (post-training quantization: torchquant.ptq.gptq, ...)
+from torchquant import qlora  # noqa: F401  (LoRA adapters over a frozen NF4 base)
 from torchquant.checkpoint import load_quantized, save_quantized
 from torchquant.ops import fake_quantize, quant_range
 from torchquant.qat import QuantConfig, LayerQuant, convert, parameter_bytes, prepare_qat, qat_report
@@ -24,7 +27,7 @@ from torchquant.spec import QuantSpec
 
 __all__ = [
     "LayerQuant", "QuantConfig", "QuantSpec", "QuantizedWeight", "convert", "fake_quantize", "layouts",
-    "load_quantized", "nn", "observers", "ops", "parameter_bytes", "prepare_qat", "qat", "qat_report", "quant_range",
+    "load_quantized", "nn", "observers", "ops", "parameter_bytes", "prepare_qat", "qat", "qat_report", "qlora", "quant_range",
     "save_quantized",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,12 @@ it is saved in. A weight ``W [N, K]`` (out_features x in_features) is
   packed weight is column ``perm[j]`` of the original one, and the kernels
   compute ``x[..., perm] @ W_packed^T`` instead of gathering the weight.
 
+``scales`` may themselves be quantized (QLoRA's double quantization,
+:class:`QuantizedScales`): 8-bit codes on the dynamic map in blocks of 256,
+plus an offset. The weight then holds those codes, and the float32 grid the
+kernels read is formed for each call (``G`` values per row, ``1 / group_size``
+of the weight's).
+
 Widths 5 to 7 are stored in the 8-bit layout (one byte per code): the
 kernels read 2, 3, 4 and 8 bits (``layout_bits``); ``bits`` stays the width
 of the codes, so converting back gives the same codes.
@@ -28,14 +34,14 @@ bit.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from torchquant import ops
 
-__all__ = ["QuantizedWeight", "LAYOUT_BITS", "layout_bits", "packed_row_bytes"]
+__all__ = ["QuantizedWeight", "QuantizedScales", "LAYOUT_BITS", "layout_bits", "packed_row_bytes"]
 
 # The widths the run-time layout packs (csrc/runtime/packed_layout.h).
 LAYOUT_BITS = (2, 3, 4, 8)
@@ -71,6 +77,63 @@ def _check_tensor(t, name: str, dtype: torch.dtype, shape, device: torch.device)
                          "weight must be on one device")
 
 
+class QuantizedScales:
+    """Per-group scales ``[N, G]`` stored in 8 bits: QLoRA's double quantization.
+
+    ``scales = lut_dequantize(codes, absmax, code_map, block_size) + offset``:
+    the scales minus their mean, in blocks of ``block_size`` (256) consecutive
+    values of the flattened ``[N, G]`` grid, each block coded on the signed
+    dynamic 8-bit map (:func:`torchquant.lookup_tables.dynamic_map`) over its
+    absmax, as bitsandbytes' ``compress_statistics`` does.
+
+    Args:
+        codes: uint8 ``[N, G]``.
+        absmax: float32 ``[ceil(N * G / block_size)]``.
+        offset: float32 ``[1]``, the mean that was subtracted.
+        code_map: float32 ``[256]``, the levels of the codes.
+        block_size: values per block.
+    """
+
+    def __init__(self, codes: Tensor, absmax: Tensor, offset: Tensor, code_map: Tensor,
+                 block_size: int = 256) -> None:
+        if not _is_int(block_size) or block_size < 1:
+            raise ValueError(f"QuantizedScales: block_size must be a positive integer, got {block_size!r}")
+        if not isinstance(codes, Tensor) or codes.dim() != 2:
+            raise ValueError("QuantizedScales: codes must be a 2-D uint8 tensor [out_features, groups]")
+        device = codes.device
+        _check_tensor(codes, "codes", torch.uint8, tuple(codes.shape), device)
+        blocks = -(-codes.numel() // block_size)
+        _check_tensor(absmax, "absmax", torch.float32, (blocks,), device)
+        _check_tensor(offset, "offset", torch.float32, (1,), device)
+        _check_tensor(code_map, "code_map", torch.float32, (256,), device)
+        self.codes, self.absmax, self.offset, self.code_map = codes, absmax, offset, code_map
+        self.block_size = block_size
+
+    @classmethod
+    def quantize(cls, scales: Tensor, block_size: int = 256) -> "QuantizedScales":
+        """The 8-bit form of float32 ``scales [N, G]`` (finite)."""
+        from torchquant.lookup_tables import dynamic_map
+        scales = scales.detach().to(torch.float32)
+        offset = scales.mean().reshape(1)
+        code_map = dynamic_map().to(scales.device)
+        codes, absmax = ops.lut_quantize(scales - offset, code_map, block_size)
+        return cls(codes, absmax, offset, code_map, block_size)
+
+    @property
+    def shape(self):
+        return self.codes.shape
+
+    def dequantize(self) -> Tensor:
+        """float32 ``[N, G]``: the scales the kernels read."""
+        return ops.lut_dequantize(self.codes, self.absmax, self.code_map, self.block_size) + self.offset
+
+    def tensors(self):
+        return (self.codes, self.absmax, self.offset, self.code_map)
+
+    def to(self, device) -> "QuantizedScales":
+        return QuantizedScales(*(t.to(device) for t in self.tensors()), block_size=self.block_size)
+
+
 class QuantizedWeight:
     """A quantized weight ``[out_features, in_features]`` in the run-time layout (see the module docstring).
 
@@ -79,7 +142,8 @@ class QuantizedWeight:
 
     Args:
         packed: uint8 ``[N, packed_row_bytes(in_features, bits)]``.
-        scales: float32 ``[N, G]``, ``G`` dividing ``in_features``.
+        scales: float32 ``[N, G]``, ``G`` dividing ``in_features``, or their
+            8-bit form (:class:`QuantizedScales`).
         zeros: float32 ``[N, G]``, zero-points in the unsigned code domain.
         bits: width of the codes, 2 to 8.
         in_features: ``K``.
@@ -87,8 +151,8 @@ class QuantizedWeight:
         perm: int64 ``[K]``, the original column of each packed column, or None.
     """
 
-    def __init__(self, packed: Tensor, scales: Tensor, zeros: Tensor, bits: int, in_features: int, *,
-                 lut: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> None:
+    def __init__(self, packed: Tensor, scales: Union[Tensor, QuantizedScales], zeros: Tensor, bits: int,
+                 in_features: int, *, lut: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> None:
         lbits = layout_bits(bits)
         if not _is_int(in_features) or in_features <= 0:
             raise ValueError(f"QuantizedWeight: in_features must be a positive integer, got {in_features!r}")
@@ -99,14 +163,21 @@ class QuantizedWeight:
         device = packed.device
         out_features = packed.shape[0]
         _check_tensor(packed, "packed", torch.uint8, (out_features, packed_row_bytes(in_features, bits)), device)
-        if not isinstance(scales, Tensor) or scales.dim() != 2 or scales.shape[0] != out_features:
-            got = f"shape {list(scales.shape)}" if isinstance(scales, Tensor) else type(scales).__name__
+        quantized_scales = scales if isinstance(scales, QuantizedScales) else None
+        shape = scales.shape if isinstance(scales, (Tensor, QuantizedScales)) else None
+        if shape is None or len(shape) != 2 or shape[0] != out_features:
+            got = f"shape {list(shape)}" if shape is not None else type(scales).__name__
             raise ValueError(f"QuantizedWeight: scales must be 2-D [{out_features}, groups], got {got}")
-        groups = scales.shape[1]
+        groups = shape[1]
         if groups < 1 or in_features % groups:
             raise ValueError(f"QuantizedWeight: scales has {groups} groups per row, which must divide in_features = "
                              f"{in_features} (groups of in_features / G consecutive columns)")
-        _check_tensor(scales, "scales", torch.float32, (out_features, groups), device)
+        if quantized_scales is not None:
+            if quantized_scales.codes.device != device:
+                raise ValueError(f"QuantizedWeight: scales are on {quantized_scales.codes.device} but packed is on "
+                                 f"{device}; every tensor of a weight must be on one device")
+        else:
+            _check_tensor(scales, "scales", torch.float32, (out_features, groups), device)
         _check_tensor(zeros, "zeros", torch.float32, (out_features, groups), device)
         if lut is not None:
             if lbits != 4:
@@ -115,8 +186,15 @@ class QuantizedWeight:
             _check_tensor(lut, "lut", torch.float32, (_LUT_LEVELS,), device)
         if perm is not None:
             _check_tensor(perm, "perm", torch.int64, (in_features,), device)
-        self.packed, self.scales, self.zeros, self.lut, self.perm = packed, scales, zeros, lut, perm
+        self.packed, self.zeros, self.lut, self.perm = packed, zeros, lut, perm
+        self.quantized_scales = quantized_scales
+        self._scales = None if quantized_scales is not None else scales
         self.bits, self.in_features = bits, in_features
+
+    @property
+    def scales(self) -> Tensor:
+        """float32 ``[N, G]``, the grid the kernels read (formed from the 8-bit form if double-quantized)."""
+        return self._scales if self._scales is not None else self.quantized_scales.dequantize()
 
     # ---- construction from torchquant's code domain ------------------------------------------
 
@@ -205,7 +283,7 @@ class QuantizedWeight:
 
     @property
     def num_groups(self) -> int:
-        return self.scales.shape[1]
+        return self.zeros.shape[1]
 
     @property
     def group_size(self) -> int:
@@ -224,14 +302,16 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor: the packed codes plus the grids (and the table and permutation, if any)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros, self.lut, self.perm)
-                   if t is not None)
+        stored = (self.packed, self._scales, self.zeros, self.lut, self.perm) + \
+            (self.quantized_scales.tensors() if self.quantized_scales is not None else ())
+        return sum(t.numel() * t.element_size() for t in stored if t is not None)
 
     def to(self, device) -> "QuantizedWeight":
         """The same weight on ``device``."""
         def move(t):
             return None if t is None else t.to(device)
-        return QuantizedWeight(move(self.packed), move(self.scales), move(self.zeros), self.bits, self.in_features,
+        scales = self.quantized_scales.to(device) if self.quantized_scales is not None else move(self._scales)
+        return QuantizedWeight(move(self.packed), scales, move(self.zeros), self.bits, self.in_features,
                                lut=move(self.lut), perm=move(self.perm))
 
     # ---- back to the code domain (exact inverses of from_codes) -------------------------------
@@ -275,7 +355,7 @@ class QuantizedWeight:
         kind = "lut" if self.lut is not None else "int"
         return (f"QuantizedWeight(out_features={self.out_features}, in_features={self.in_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, kind={kind}, act_order={self.perm is not None}, "
-                f"device={self.device})")
+                f"double_quant={self.quantized_scales is not None}, device={self.device})")
 
 
 def _integer(t: Tensor) -> bool:

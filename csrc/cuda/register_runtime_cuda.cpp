@@ -58,6 +58,8 @@ TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
   m.impl("quantized_linear", TORCH_FN(quantized_linear_op));
   m.impl("quantized_linear_grad_input", TORCH_FN(quantized_linear_grad_input_op));
   m.impl("w8a8_linear", TORCH_FN(cuda::w8a8_linear));
+  m.impl("lut_quantize", TORCH_FN(cuda::lut_quantize));
+  m.impl("lut_dequantize", TORCH_FN(cuda::lut_dequantize));
 }
 
 }  // namespace torchquant::cuda

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace torchquant::cuda {
 
@@ -42,6 +43,12 @@ at::Tensor dequantize_weight(const at::Tensor& packed, const at::Tensor& scales,
 // The whole w8a8_linear op on CUDA (w8a8_linear.cu).
 at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales,
                        const std::optional<at::Tensor>& input_scale,
-                       const std::optional<at::Tensor>& bias);
+                       const std::optional<at::Tensor>& bias, double outlier_threshold);
+
+std::tuple<at::Tensor, at::Tensor> lut_quantize(const at::Tensor& x, const at::Tensor& lut,
+                                                int64_t block_size);
+
+at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& lut,
+                          int64_t block_size);
 
 }  // namespace torchquant::cuda

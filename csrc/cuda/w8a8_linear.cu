@@ -22,11 +22,15 @@
 //    copy is made.
 // Activation quantization reuses quantize_per_token (dynamic grids) or the
 // static grid's clamp(round(x * (1 / s))) in ATen, the same code as the CPU.
+// LLM.int8() (outlier_threshold > 0) quantizes the rows with its own kernel
+// (grids over the non-outlier values, outlier columns flagged) and adds the
+// outlier columns' float product at the end (add_outlier_product, shared).
 #include "gemv_common.cuh"
 #include "runtime_cuda.h"
 
 #include "../dispatch.h"
 #include "../ptq/smoothquant.h"
+#include "../quant_math.h"
 #include "../runtime/linear_args.h"
 
 #include <ATen/ops/_int_mm.h>
@@ -184,12 +188,91 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// LLM.int8()'s one pass over each token row (one block per row): the grid
+// from max |x| over the values below the threshold, the codes of the whole
+// row (zero past K), and a flag for the column of every larger value. A row
+// holding NaN gets a NaN scale, so its outputs are NaN, not numbers.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    outlier_quantize_kernel(const scalar_t* __restrict__ x, int64_t m, int64_t k, int64_t kp,
+                            float threshold, int8_t* __restrict__ codes,
+                            float* __restrict__ scales, uint8_t* __restrict__ flags) {
+  __shared__ float partial[256];
+  __shared__ int any_nan;
+  for (int64_t row = blockIdx.x; row < m; row += gridDim.x) {
+    const scalar_t* xr = x + row * k;
+    if (threadIdx.x == 0) any_nan = 0;
+    float a = 0.0f;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      const float v = fabsf(static_cast<float>(xr[j]));
+      if (v >= threshold) {
+        flags[j] = 1;  // every writer stores the same value
+      } else if (v > a) {
+        a = v;
+      } else if (isnan(v)) {
+        any_nan = 1;
+      }
+    }
+    partial[threadIdx.x] = a;
+    __syncthreads();
+    for (int s = static_cast<int>(blockDim.x) / 2; s > 0; s /= 2) {
+      if (static_cast<int>(threadIdx.x) < s)
+        partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + s]);
+      __syncthreads();
+    }
+    float scale, zero;
+    grid_from_range(-partial[0], partial[0], -128.0f, 127.0f, /*symmetric=*/true,
+                    ptq::kMinTokenScale, &scale, &zero);
+    const QuantGrid<float> g{scale, 1.0f / scale, zero, -128.0f, 127.0f};
+    for (int64_t j = threadIdx.x; j < kp; j += blockDim.x) {
+      float q = 0.0f;
+      if (j < k) q = qm_min(qm_max(unclamped_code(static_cast<float>(xr[j]), g), g.qmin), g.qmax);
+      codes[row * kp + j] = static_cast<int8_t>(q);
+    }
+    if (threadIdx.x == 0) scales[row] = any_nan ? __int_as_float(0x7fc00000) : scale;
+    __syncthreads();  // partial and any_nan are reused by the next row
+  }
+}
+
+// The outlier columns leave the int8 product: their codes become 0.
+__global__ void __launch_bounds__(256)
+    zero_outlier_columns_kernel(int8_t* __restrict__ codes, const uint8_t* __restrict__ flags,
+                                int64_t m, int64_t k, int64_t kp) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < m * k;
+       i += stride) {
+    const int64_t j = i % k;
+    if (flags[j]) codes[(i / k) * kp + j] = 0;
+  }
+}
+
 // Activation codes int8 [m, kp] (zero past K, 16-byte aligned) and their
 // scales: per token (float32 [m, 1], stride 1) or the static one (stride 0).
+// With an outlier threshold, also flags the outlier columns (uint8 [K]).
 std::tuple<at::Tensor, at::Tensor, int> quantize_activations(const at::Tensor& x2,
-                                                             const W8A8Args& a, int64_t kp) {
+                                                             const W8A8Args& a, int64_t kp,
+                                                             const at::Tensor& flags) {
   at::Tensor codes, scale;
   int stride = 1;
+  if (a.outlier_threshold > 0.0f) {
+    const int64_t m = x2.size(0), k = x2.size(1);
+    const at::Tensor x = x2.contiguous();
+    codes = at::empty({m, kp}, x.options().dtype(at::kChar));
+    scale = at::empty({m, 1}, x.options().dtype(at::kFloat));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    TORCHQUANT_DISPATCH_FLOAT_TYPES(x.scalar_type(), kOp, [&] {
+      outlier_quantize_kernel<scalar_t><<<static_cast<unsigned int>(std::min<int64_t>(m, 65535)),
+                                          256, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), m, k, kp, a.outlier_threshold,
+          codes.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+          flags.mutable_data_ptr<uint8_t>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    zero_outlier_columns_kernel<<<grid_stride_blocks(m * k, 256, 256), 256, 0, stream>>>(
+        codes.mutable_data_ptr<int8_t>(), flags.const_data_ptr<uint8_t>(), m, k, kp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {codes, scale, stride};
+  }
   if (a.input_scale.defined()) {
     // x * (1 / s) in float32 (x is promoted), rounded half to even, clamped.
     codes = at::mul(x2, at::reciprocal(a.input_scale)).round_().clamp_(-128, 127).to(at::kChar);
@@ -210,8 +293,9 @@ std::tuple<at::Tensor, at::Tensor, int> quantize_activations(const at::Tensor& x
 
 at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scales,
                        const std::optional<at::Tensor>& input_scale,
-                       const std::optional<at::Tensor>& bias) {
-  const W8A8Args a = check_w8a8_args(kOp, input, packed, scales, input_scale, bias);
+                       const std::optional<at::Tensor>& bias, double outlier_threshold) {
+  const W8A8Args a =
+      check_w8a8_args(kOp, input, packed, scales, input_scale, bias, outlier_threshold);
   const int64_t k = a.in_features, n = a.out_features, kp = layout::packed_row_bytes(k, 8);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = n;
@@ -229,7 +313,9 @@ at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed, const 
   // (which C++17, used by the setuptools build, does not allow for bindings).
   at::Tensor codes, x_scale;
   int x_scale_stride = 1;
-  std::tie(codes, x_scale, x_scale_stride) = quantize_activations(x2, a, kp);
+  const at::Tensor outlier_columns =
+      a.outlier_threshold > 0.0f ? at::zeros({k}, input.options().dtype(at::kByte)) : at::Tensor();
+  std::tie(codes, x_scale, x_scale_stride) = quantize_activations(x2, a, kp, outlier_columns);
   // 16-byte loads: a weight view at an odd offset is copied once.
   const at::Tensor w = data_aligned16(a.packed) ? a.packed : a.packed.clone();
   const float* w_scale = a.scales.const_data_ptr<float>();
@@ -283,6 +369,7 @@ at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed, const 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+  if (outlier_columns.defined()) add_outlier_product(a, x2.contiguous(), outlier_columns, y);
   return y.view(out_shape);
 }
 

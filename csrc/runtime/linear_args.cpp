@@ -3,12 +3,12 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <vector>
 
 namespace torchquant {
-namespace {
 
 std::string shape_str(at::IntArrayRef sizes) {
   std::ostringstream os;
@@ -17,6 +17,8 @@ std::string shape_str(at::IntArrayRef sizes) {
   os << "]";
   return os.str();
 }
+
+namespace {
 
 bool is_float_activation(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -150,7 +152,7 @@ void check_codes(const char* op, const at::Tensor& codes, int64_t bits, bool che
 
 W8A8Args check_w8a8_args(const char* op, const at::Tensor& input, const at::Tensor& packed,
                          const at::Tensor& scales, const std::optional<at::Tensor>& input_scale,
-                         const std::optional<at::Tensor>& bias) {
+                         const std::optional<at::Tensor>& bias, double outlier_threshold) {
   TORCH_CHECK_TYPE(is_float_activation(input.scalar_type()), op,
                    ": input must be float32, float16 or bfloat16, got ", input.scalar_type());
   TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) >= 1, op,
@@ -185,11 +187,27 @@ W8A8Args check_w8a8_args(const char* op, const at::Tensor& input, const at::Tens
     a.input_scale = input_scale->reshape({1}).contiguous();
   }
   if (bias.has_value() && bias->defined()) a.bias = check_bias(op, *bias, n, device);
+  TORCH_CHECK_VALUE(outlier_threshold >= 0.0 && std::isfinite(outlier_threshold), op,
+                    ": outlier_threshold must be 0 (no LLM.int8() decomposition) or positive and "
+                    "finite, got ", outlier_threshold);
+  TORCH_CHECK_VALUE(outlier_threshold == 0.0 || !a.input_scale.defined(), op,
+                    ": outlier_threshold needs per-token activation grids (input_scale=None): the "
+                    "decomposition finds each token's grid over its non-outlier values");
+  a.outlier_threshold = static_cast<float>(outlier_threshold);
   a.packed = packed.contiguous();
   a.scales = scales.contiguous();
   a.in_features = k;
   a.out_features = n;
   return a;
+}
+
+void add_outlier_product(const W8A8Args& a, const at::Tensor& x, const at::Tensor& outlier_columns,
+                         const at::Tensor& y) {
+  // Few columns as a rule (the paper finds ~0.1% of them): gathered, not masked.
+  const at::Tensor columns = outlier_columns.nonzero().flatten();
+  if (columns.numel() == 0) return;
+  const at::Tensor w = a.packed.index_select(1, columns).to(at::kFloat).sub_(128.0).mul_(a.scales);
+  y.addmm_(x.index_select(1, columns), w.t().to(x.scalar_type()));
 }
 
 }  // namespace torchquant

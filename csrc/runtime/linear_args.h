@@ -11,8 +11,12 @@
 #include <c10/core/Device.h>
 
 #include <optional>
+#include <string>
 
 namespace torchquant {
+
+// "[2, 3]": a shape as the error messages print it.
+std::string shape_str(at::IntArrayRef sizes);
 
 // A checked low-bit weight: W[n, k] = (v(u[n, k]) - zeros[n, k / g]) * scales[n, k / g].
 struct PackedWeight {
@@ -75,11 +79,19 @@ struct W8A8Args {
   at::Tensor bias;         // float32 [N], contiguous; undefined without bias
   int64_t in_features = 0;   // K = input.size(-1)
   int64_t out_features = 0;  // N
+  float outlier_threshold = 0.0f;  // LLM.int8() decomposition above it; 0: none
 };
 
 // input [..., K] float32 / float16 / bfloat16 and the rest on its device.
+// outlier_threshold: 0, or positive and finite with per-token grids (no input_scale).
 W8A8Args check_w8a8_args(const char* op, const at::Tensor& input, const at::Tensor& packed,
                          const at::Tensor& scales, const std::optional<at::Tensor>& input_scale,
-                         const std::optional<at::Tensor>& bias);
+                         const std::optional<at::Tensor>& bias, double outlier_threshold);
+
+// LLM.int8()'s float part, shared by every backend: y += x[:, c] W[:, c]^T over the
+// columns c flagged (nonzero) in outlier_columns (uint8 [K]), in x's dtype, with the
+// 8-bit weight's columns dequantized ((u - 128) * scales). x [M, K], y [M, N].
+void add_outlier_product(const W8A8Args& a, const at::Tensor& x, const at::Tensor& outlier_columns,
+                         const at::Tensor& y);
 
 }  // namespace torchquant

@@ -51,9 +51,21 @@ at::Tensor quantized_linear_grad_input(const at::Tensor& grad_output, const at::
 
 at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed,
                        const at::Tensor& scales, const std::optional<at::Tensor>& input_scale,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, double outlier_threshold) {
   static auto op = find_op<decltype(w8a8_linear)>("torchquant::w8a8_linear");
-  return op.call(input, packed, scales, input_scale, bias);
+  return op.call(input, packed, scales, input_scale, bias, outlier_threshold);
+}
+
+std::tuple<at::Tensor, at::Tensor> lut_quantize(const at::Tensor& x, const at::Tensor& lut,
+                                                int64_t block_size) {
+  static auto op = find_op<decltype(lut_quantize)>("torchquant::lut_quantize");
+  return op.call(x, lut, block_size);
+}
+
+at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& lut,
+                          int64_t block_size) {
+  static auto op = find_op<decltype(lut_dequantize)>("torchquant::lut_dequantize");
+  return op.call(codes, absmax, lut, block_size);
 }
 
 }  // namespace torchquant

@@ -86,14 +86,14 @@ class W8A8LinearFunction : public torch::autograd::Function<W8A8LinearFunction> 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& packed, const at::Tensor& scales,
                             const std::optional<at::Tensor>& input_scale,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, double outlier_threshold) {
     ctx->save_for_backward({packed, scales, optional_or_undefined(bias)});
     // sym_size + guard: specialises K (fixed by the weight) but not the batch dims, which
     // size(-1) would (it reads every size of a traced tensor).
     ctx->saved_data["in_features"] = input.sym_size(-1).guard_int(__FILE__, __LINE__);
     ctx->saved_data["bias_edge"] = bias_edge({input_scale}, 3);
     at::AutoDispatchBelowADInplaceOrView guard;
-    return torchquant::w8a8_linear(input, packed, scales, input_scale, bias);
+    return torchquant::w8a8_linear(input, packed, scales, input_scale, bias, outlier_threshold);
   }
 
   // Straight-through: the activation rounding is treated as the identity, so
@@ -110,7 +110,7 @@ class W8A8LinearFunction : public torch::autograd::Function<W8A8LinearFunction> 
     }
     if (saved[2].defined() && ctx->needs_input_grad(ctx->saved_data["bias_edge"].toInt()))
       dbias = bias_grad(dy, saved[2]);
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), dbias};
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), dbias, at::Tensor()};
   }
 };
 
@@ -127,8 +127,9 @@ at::Tensor quantized_linear_autograd(const at::Tensor& input, const at::Tensor& 
 at::Tensor w8a8_linear_autograd(const at::Tensor& input, const at::Tensor& packed,
                                 const at::Tensor& scales,
                                 const std::optional<at::Tensor>& input_scale,
-                                const std::optional<at::Tensor>& bias) {
-  return W8A8LinearFunction::apply(input, packed, scales, input_scale, bias);
+                                const std::optional<at::Tensor>& bias,
+                                double outlier_threshold) {
+  return W8A8LinearFunction::apply(input, packed, scales, input_scale, bias, outlier_threshold);
 }
 
 }  // namespace

@@ -7,6 +7,10 @@ instance) and for loading without repacking. The state dict holds
 * ``scales``, ``zeros``: float32 ``[out, groups]`` (zeros in the unsigned
   code domain);
 * ``lut``: float32 ``[16]``, for lookup-table codes only;
+* with double-quantized scales, ``scale_codes`` uint8 ``[out, groups]``,
+  ``scale_absmax`` float32, ``scale_offset`` float32 ``[1]`` and
+  ``scale_code_map`` float32 ``[256]`` in place of ``scales``
+  (:class:`~torchquant.quantized_weight.QuantizedScales`);
 * ``perm``: int64 ``[in]``, for act-order weights only.
 """
 from __future__ import annotations
@@ -17,36 +21,47 @@ import torch
 from torch import Tensor
 
 from torchquant.layouts.base import CheckpointLayout, check_devices, is_int, prefixed
-from torchquant.quantized_weight import QuantizedWeight, layout_bits
+from torchquant.quantized_weight import QuantizedScales, QuantizedWeight, layout_bits
 from torchquant.spec import QuantSpec
 
 __all__ = ["RuntimeLayout"]
+
+_SCALE_KEYS = ("scale_codes", "scale_absmax", "scale_offset", "scale_code_map")
 
 
 class RuntimeLayout(CheckpointLayout):
     """The run-time tensors of a weight of ``bits``-wide codes in ``groups`` groups per row.
 
     ``lookup_table`` and ``act_order`` say whether ``lut`` and ``perm`` are
-    part of the state (they must be there when loading).
+    part of the state (they must be there when loading); ``double_quant``
+    (with ``scale_block_size``) that the scales are stored in 8 bits.
     """
 
     name = "runtime"
 
-    def __init__(self, bits: int, groups: int = 1, *, lookup_table: bool = False, act_order: bool = False) -> None:
+    def __init__(self, bits: int, groups: int = 1, *, lookup_table: bool = False, act_order: bool = False,
+                 double_quant: bool = False, scale_block_size: int = 256) -> None:
         layout_bits(bits)
         if not is_int(groups) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if not is_int(scale_block_size) or scale_block_size < 1:
+            raise ValueError(f"scale_block_size must be a positive integer, got {scale_block_size!r}")
         self.bits, self.groups = bits, groups
         self.lookup_table, self.act_order = bool(lookup_table), bool(act_order)
+        self.double_quant = bool(double_quant)
+        self.scale_block_size = scale_block_size if self.double_quant else 256
 
     @classmethod
     def of(cls, weight: QuantizedWeight) -> "RuntimeLayout":
         """The layout that saves ``weight`` as it is."""
+        dq = weight.quantized_scales
         return cls(weight.bits, weight.num_groups, lookup_table=weight.lut is not None,
-                   act_order=weight.perm is not None)
+                   act_order=weight.perm is not None, double_quant=dq is not None,
+                   scale_block_size=dq.block_size if dq is not None else 256)
 
     def state_keys(self) -> Tuple[str, ...]:
-        return ("packed", "scales", "zeros") + (("lut",) if self.lookup_table else ()) + \
+        scales = _SCALE_KEYS if self.double_quant else ("scales",)
+        return ("packed",) + scales + ("zeros",) + (("lut",) if self.lookup_table else ()) + \
             (("perm",) if self.act_order else ())
 
     def check_weight(self, weight: QuantizedWeight) -> None:
@@ -54,7 +69,12 @@ class RuntimeLayout(CheckpointLayout):
             raise ValueError(f"the layout saves {self.config()}; the weight is {RuntimeLayout.of(weight).config()}")
 
     def to_state(self, weight: QuantizedWeight) -> Dict[str, Tensor]:
-        state = {"packed": weight.packed.clone(), "scales": weight.scales.clone(), "zeros": weight.zeros.clone()}
+        state = {"packed": weight.packed.clone()}
+        if self.double_quant:
+            state.update(zip(_SCALE_KEYS, (t.clone() for t in weight.quantized_scales.tensors())))
+        else:
+            state["scales"] = weight.scales.clone()
+        state["zeros"] = weight.zeros.clone()
         if self.lookup_table:
             state["lut"] = weight.lut.clone()
         if self.act_order:
@@ -65,7 +85,7 @@ class RuntimeLayout(CheckpointLayout):
                    where: str = "") -> QuantizedWeight:
         p = prefixed(where)
         check_devices(dict(tensors), "packed", p)
-        for key in ("scales", "zeros"):
+        for key in ("scale_codes" if self.double_quant else "scales", "zeros"):
             if tensors[key].shape != (out_features, self.groups):
                 raise ValueError(f"{p}{key} must have shape {[out_features, self.groups]}, got "
                                  f"{list(tensors[key].shape)}")
@@ -74,7 +94,9 @@ class RuntimeLayout(CheckpointLayout):
             if not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
                 raise ValueError(f"{p}perm must be a permutation of 0 .. {perm.numel() - 1}")
         try:
-            weight = QuantizedWeight(tensors["packed"], tensors["scales"], tensors["zeros"], self.bits, in_features,
+            scales = QuantizedScales(*(tensors[k] for k in _SCALE_KEYS), block_size=self.scale_block_size) \
+                if self.double_quant else tensors["scales"]
+            weight = QuantizedWeight(tensors["packed"], scales, tensors["zeros"], self.bits, in_features,
                                      lut=tensors.get("lut") if self.lookup_table else None, perm=perm)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{p.rstrip('.') or 'weight'}: {error}") from None
@@ -87,11 +109,17 @@ class RuntimeLayout(CheckpointLayout):
                                        lookup_table=self.lookup_table, device=device)
         if self.act_order:
             weight.perm = torch.arange(in_features, device=device)
+        if self.double_quant:
+            weight = QuantizedWeight(weight.packed, QuantizedScales.quantize(weight.scales, self.scale_block_size),
+                                     weight.zeros, weight.bits, in_features, lut=weight.lut, perm=weight.perm)
         return weight
 
     def config(self) -> Dict[str, Any]:
-        return {"name": self.name, "bits": self.bits, "groups": self.groups, "lookup_table": self.lookup_table,
-                "act_order": self.act_order}
+        config = {"name": self.name, "bits": self.bits, "groups": self.groups, "lookup_table": self.lookup_table,
+                  "act_order": self.act_order}
+        if self.double_quant:
+            config.update(double_quant=True, scale_block_size=self.scale_block_size)
+        return config
 
     def weight_spec(self, in_features: int) -> QuantSpec:
         grid = {"granularity": "channel", "axis": 0} if self.groups == 1 else \
@@ -99,4 +127,5 @@ class RuntimeLayout(CheckpointLayout):
         return QuantSpec(bits=self.bits, symmetric=False, **grid)
 
     def extra_repr(self) -> str:
-        return "layout=runtime" + (", lut" if self.lookup_table else "") + (", act_order" if self.act_order else "")
+        return "layout=runtime" + (", lut" if self.lookup_table else "") + (", act_order" if self.act_order else "") \
+            + (", double_quant" if self.double_quant else "")

@@ -10,7 +10,12 @@ run-time kernels, never forming the float weight:
 * W8A8 (``"int8_per_token"`` / ``"int8_per_tensor"``): int8 activations times
   int8 weights with int32 accumulation, ``torchquant.ops.w8a8_linear``; per
   token the kernel finds each row's grid, per tensor the grid is ``act_scale``
-  (static, from calibration) or ``max|x| / 127.5`` of each input (dynamic).
+  (static, from calibration) or ``max|x| / 127.5`` of each input (dynamic);
+* LLM.int8() (``"llm_int8"``): W8A8 per token, with the input columns that
+  hold a value of magnitude ``>= outlier_threshold`` multiplied in float.
+
+A weight with double-quantized scales (NF4 / FP4 for QLoRA) keeps its scales
+in 8 bits (``scale_codes`` ...); each call forms the float32 grid first.
 
 Every producer makes this module: QAT's ``convert()``, RTN, GPTQ, AWQ and
 SmoothQuant. What varies is an attribute, not a subclass:
@@ -25,6 +30,7 @@ SmoothQuant. What varies is an attribute, not a subclass:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -35,18 +41,23 @@ from torchquant.layouts import CheckpointLayout, RuntimeLayout, TorchquantLayout
 from torchquant.layouts.w8a8 import check_int8_weight
 from torchquant.nn.fake_quantize import FakeQuantize
 from torchquant.nn.quantized import QuantizedModule, frozen_quantizer, spec_from_dict
-from torchquant.quantized_weight import QuantizedWeight
+from torchquant.quantized_weight import QuantizedScales, QuantizedWeight
 from torchquant.spec import QuantSpec
 
 __all__ = ["QuantizedLinear", "ACTIVATIONS"]
 
-ACTIVATIONS = ("float", "int8_per_token", "int8_per_tensor")
+ACTIVATIONS = ("float", "int8_per_token", "int8_per_tensor", "llm_int8")
+# LLM.int8()'s outlier threshold (Dettmers et al. 2022 and bitsandbytes use 6.0).
+DEFAULT_OUTLIER_THRESHOLD = 6.0
 # The symmetric int8 grid of activations: max|x| maps to 127.5 steps (as quantize_per_token's).
 _INT8_HALF_RANGE = 127.5
 _EPS = torch.finfo(torch.float32).eps
 # Buffers the kernels read in float32 whatever the module's dtype: a dtype cast of the module moves them only.
-_FLOAT32_BUFFERS = ("group_scales", "group_zeros", "code_table", "act_scale")
+_FLOAT32_BUFFERS = ("group_scales", "group_zeros", "code_table", "act_scale", "scale_absmax", "scale_offset",
+                    "scale_code_map")
 _WEIGHT_BUFFERS = ("packed_weight", "group_scales", "group_zeros", "code_table", "column_perm")
+# The 8-bit form of double-quantized scales (QuantizedScales), in place of group_scales.
+_SCALE_BUFFERS = ("scale_codes", "scale_absmax", "scale_offset", "scale_code_map")
 
 
 def _check_vector(t, name: str, length: int, where: str) -> Tensor:
@@ -80,12 +91,15 @@ class QuantizedLinear(QuantizedModule):
             (a number or a one-element tensor); None measures each input.
         input_scale: ``[in]`` positive scales dividing the input, or None.
         input_fq, output_fq: frozen activation quantizers (QAT), or None.
+        outlier_threshold: with ``"llm_int8"``, the magnitude from which an
+            input column is an outlier (default 6.0).
     """
 
     def __init__(self, weight: QuantizedWeight, bias: Optional[Tensor] = None, *,
                  layout: Optional[CheckpointLayout] = None, activations: str = "float",
                  act_scale: Union[float, Tensor, None] = None, input_scale: Optional[Tensor] = None,
-                 input_fq: Optional[FakeQuantize] = None, output_fq: Optional[FakeQuantize] = None) -> None:
+                 input_fq: Optional[FakeQuantize] = None, output_fq: Optional[FakeQuantize] = None,
+                 outlier_threshold: Optional[float] = None) -> None:
         super().__init__()
         kind = type(self).__name__
         if not isinstance(weight, QuantizedWeight):
@@ -95,6 +109,17 @@ class QuantizedLinear(QuantizedModule):
         if act_scale is not None and activations != "int8_per_tensor":
             raise ValueError(f"{kind}: act_scale is a static per-tensor activation scale: it needs "
                              f"activations='int8_per_tensor' (got {activations!r})")
+        if outlier_threshold is not None and activations != "llm_int8":
+            raise ValueError(f"{kind}: outlier_threshold is LLM.int8()'s: it needs activations='llm_int8' (got "
+                             f"{activations!r})")
+        if activations == "llm_int8":
+            outlier_threshold = DEFAULT_OUTLIER_THRESHOLD if outlier_threshold is None else outlier_threshold
+            if isinstance(outlier_threshold, bool) or not isinstance(outlier_threshold, (int, float)) or \
+                    not math.isfinite(outlier_threshold) or outlier_threshold <= 0:
+                raise ValueError(f"{kind}: outlier_threshold must be a positive finite number, got "
+                                 f"{outlier_threshold!r}")
+            outlier_threshold = float(outlier_threshold)
+        self.outlier_threshold = outlier_threshold
         self.layout = RuntimeLayout.of(weight) if layout is None else layout
         if not isinstance(self.layout, CheckpointLayout):
             raise TypeError(f"{kind}: layout must be a CheckpointLayout, got {type(self.layout).__name__}")
@@ -145,9 +170,13 @@ class QuantizedLinear(QuantizedModule):
         self.layout.check_weight(weight)
         if self.activations != "float":
             check_int8_weight(weight, f"{type(self).__name__}: activations={self.activations!r} (W8A8)")
-        tensors = (weight.packed, weight.scales, weight.zeros, weight.lut, weight.perm)
+        dq = weight.quantized_scales
+        tensors = (weight.packed, None if dq is not None else weight.scales, weight.zeros, weight.lut, weight.perm)
         for name, t in zip(_WEIGHT_BUFFERS, tensors):
             self._set_optional_buffer(name, t, persistent=False)
+        for name, t in zip(_SCALE_BUFFERS, dq.tensors() if dq is not None else (None,) * len(_SCALE_BUFFERS)):
+            self._set_optional_buffer(name, t, persistent=False)
+        self.scale_block_size = dq.block_size if dq is not None else None
         self.bits, self.in_features, self.out_features = weight.bits, weight.in_features, weight.out_features
         self.packed_bits = weight.layout_bits
 
@@ -169,13 +198,24 @@ class QuantizedLinear(QuantizedModule):
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The layer's weight as a :class:`~torchquant.quantized_weight.QuantizedWeight` (its buffers, not copies)."""
-        return QuantizedWeight(self.packed_weight, self.group_scales, self.group_zeros, self.bits, self.in_features,
+        scales = self.group_scales
+        if scales is None:
+            scales = QuantizedScales(self.scale_codes, self.scale_absmax, self.scale_offset, self.scale_code_map,
+                                     self.scale_block_size)
+        return QuantizedWeight(self.packed_weight, scales, self.group_zeros, self.bits, self.in_features,
                                lut=self.code_table, perm=self.column_perm)
 
     @property
     def group_size(self) -> int:
         """Consecutive input columns per grid (``in_features`` for one grid per row)."""
-        return self.in_features // self.group_scales.shape[1]
+        return self.in_features // self.group_zeros.shape[1]
+
+    def _grid_scales(self) -> Tensor:
+        """The float32 scales ``[N, G]`` the kernels read: the buffer, or formed from the 8-bit form."""
+        if self.group_scales is not None:
+            return self.group_scales
+        return ops.lut_dequantize(self.scale_codes, self.scale_absmax, self.scale_code_map,
+                                  self.scale_block_size) + self.scale_offset
 
     @property
     def weight_spec(self) -> QuantSpec:
@@ -206,8 +246,11 @@ class QuantizedLinear(QuantizedModule):
             # One rounding of the quotient, in the wider of the two dtypes, back to the input's dtype.
             x = (x / self.input_scale).to(x.dtype)
         if self.activations == "float":
-            y = ops.quantized_linear(x, self.packed_weight, self.group_scales, self.group_zeros, self.packed_bits,
+            y = ops.quantized_linear(x, self.packed_weight, self._grid_scales(), self.group_zeros, self.packed_bits,
                                      self.in_features, lut=self.code_table, perm=self.column_perm, bias=self.bias)
+        elif self.activations == "llm_int8":
+            y = ops.w8a8_linear(x, self.packed_weight, self.group_scales, bias=self.bias,
+                                outlier_threshold=self.outlier_threshold)
         else:
             y = ops.w8a8_linear(x, self.packed_weight, self.group_scales, input_scale=self._activation_scale(x),
                                 bias=self.bias)
@@ -285,6 +328,8 @@ class QuantizedLinear(QuantizedModule):
             config["layout"] = self.layout.config()
         if self.activations != "float":
             config["activations"] = self.activations
+        if self.outlier_threshold is not None:
+            config["outlier_threshold"] = self.outlier_threshold
         if self.act_scale is not None:
             config["act_scale"] = True
         if self.input_scale is not None:
@@ -305,21 +350,26 @@ class QuantizedLinear(QuantizedModule):
                 raise KeyError(f"quantized checkpoint is missing {key!r} for a {cls.__name__}")
         weight = layout.from_state({k: tensors[k] for k in layout.state_keys()}, in_features, out_features)
         m = cls._from_weight(weight, tensors.get("bias"), layout, activations=config.get("activations", "float"),
-                             act_scale=tensors.get("act_scale"), input_scale=tensors.get("input_scale"))
+                             act_scale=tensors.get("act_scale"), input_scale=tensors.get("input_scale"),
+                             outlier_threshold=config.get("outlier_threshold"))
         m.folded_bn = meta.get("folded_bn")
         m._restore_activation_quant(meta, tensors)
         return m
 
     def extra_repr(self) -> str:
-        columns = self.in_features // self.group_scales.shape[1]
+        columns = self.group_size
         text = (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={columns}, {self.layout.extra_repr()}")
         if self.column_perm is not None:
             text += ", act_order=True"
         if self.code_table is not None:
             text += ", lut=True"
+        if self.scale_block_size is not None:
+            text += ", double_quant=True"
         if self.activations != "float":
             text += f", activations={self.activations}" + (" (static)" if self.act_scale is not None else "")
+        if self.outlier_threshold is not None:
+            text += f", outlier_threshold={self.outlier_threshold:g}"
         if self.input_scale is not None:
             text += f", input_scale=[{self.in_features}]"
         return text + f", bias={self.bias is not None}"

@@ -33,3 +33,8 @@ __all__ += ["dequantize_weight", "pack_weight", "packed_row_bytes", "quantized_l
 from .int8 import w8a8_linear
 
 __all__ += ["w8a8_linear"]
+
+# Block-wise lookup-table codes (NF4 / FP4, double quantization).
+from .lut import lut_dequantize, lut_quantize
+
+__all__ += ["lut_dequantize", "lut_quantize"]

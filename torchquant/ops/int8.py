@@ -7,6 +7,7 @@ per-channel ``scales [N, 1]``, so ``W[n, k] = (u[n, k] - 128) * scales[n]``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,7 +23,7 @@ _BIAS_DTYPES = _FLOAT_INPUTS + (torch.float64,)
 
 
 def w8a8_linear(input: Tensor, packed: Tensor, scales: Tensor, input_scale: Optional[Tensor] = None,
-                bias: Optional[Tensor] = None) -> Tensor:
+                bias: Optional[Tensor] = None, outlier_threshold: Optional[float] = None) -> Tensor:
     """``y = x W^T + bias`` with ``x`` quantized to int8 and integer accumulation.
 
     ::
@@ -39,6 +40,17 @@ def w8a8_linear(input: Tensor, packed: Tensor, scales: Tensor, input_scale: Opti
     caps the choice). Autograd gives ``input`` the straight-through gradient
     ``dy W`` and ``bias`` its sum; the weight gets none.
 
+    ``outlier_threshold > 0`` is LLM.int8()'s mixed-precision decomposition
+    (Dettmers et al. 2022): in one pass over each token row, the kernel finds
+    the grid from max ``|x|`` over the values below the threshold and flags
+    the column of every value at or above it (in any token). Those outlier
+    columns leave the int8 product and are multiplied in ``input``'s dtype
+    against the same columns of the dequantized weight::
+
+        y = int8 product over the other columns + x[:, outliers] W[:, outliers]^T
+
+    Inf values are outliers too (their columns give Inf, as a float layer would).
+
     Args:
         input: float32, float16 or bfloat16 ``[..., K]``, finite (NaN / Inf raise
             ``ValueError`` on CPU).
@@ -46,11 +58,17 @@ def w8a8_linear(input: Tensor, packed: Tensor, scales: Tensor, input_scale: Opti
         scales: float32 ``[N, 1]``.
         input_scale: optional float32 ``[1]`` (or 0-d), positive (a SmoothQuant static scale).
         bias: optional float ``[N]``, added in float32.
+        outlier_threshold: None or 0 (plain W8A8), or positive and finite
+            with ``input_scale=None`` (LLM.int8(); 6.0 in the paper).
 
     Returns:
         ``[..., N]`` in ``input``'s dtype.
     """
-    return torch.ops.torchquant.w8a8_linear(input, packed, scales, input_scale, bias)
+    if outlier_threshold is None:
+        # Not read at all: under torch.compile(dynamic=True) reading a float argument makes it a
+        # symbolic float, which costs an extra graph.
+        return torch.ops.torchquant.w8a8_linear(input, packed, scales, input_scale, bias)
+    return torch.ops.torchquant.w8a8_linear(input, packed, scales, input_scale, bias, outlier_threshold)
 
 
 def _check_device(name: str, t: Tensor, device: torch.device) -> None:
@@ -59,7 +77,7 @@ def _check_device(name: str, t: Tensor, device: torch.device) -> None:
 
 
 @torch.library.register_fake("torchquant::w8a8_linear")
-def _w8a8_linear_fake(input, packed, scales, input_scale=None, bias=None):
+def _w8a8_linear_fake(input, packed, scales, input_scale=None, bias=None, outlier_threshold=0.0):
     # The same checks, in the same order and with the same kind of error, as
     # the C++ kernels: a wrong call fails while tracing, not at run time.
     torch._check_type(input.dtype in _FLOAT_INPUTS,
@@ -93,4 +111,9 @@ def _w8a8_linear_fake(input, packed, scales, input_scale=None, bias=None):
         _check_device("bias", bias, input.device)
         torch._check_value(tuple(bias.shape) == (n,),
                            lambda: f"{_OP}: bias must be [out_features] = [{n}], got {tuple(bias.shape)}")
+    torch._check_value(outlier_threshold >= 0 and math.isfinite(outlier_threshold),
+                       lambda: f"{_OP}: outlier_threshold must be 0 (no LLM.int8() decomposition) or positive and "
+                               f"finite, got {outlier_threshold}")
+    torch._check_value(outlier_threshold == 0 or input_scale is None,
+                       lambda: f"{_OP}: outlier_threshold needs per-token activation grids (input_scale=None)")
     return input.new_empty((*input.shape[:-1], n))

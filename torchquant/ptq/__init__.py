@@ -48,3 +48,9 @@ __all__ += ["AWQConfig", "AWQGroup", "AWQReport", "AWQThenGPTQ", "awq", "awq_the
 from torchquant.ptq.smoothquant import SmoothQuantConfig, SmoothQuantReport, quantize_w8a8, smoothquant
 
 __all__ += ["SmoothQuantConfig", "SmoothQuantReport", "quantize_w8a8", "smoothquant"]
+
+# No calibration: NF4 / FP4 weights (QLoRA's base), LLM.int8().
+from torchquant.ptq.llm_int8 import llm_int8
+from torchquant.ptq.lookup_table import lookup_table_weight, nf4
+
+__all__ += ["llm_int8", "lookup_table_weight", "nf4"]

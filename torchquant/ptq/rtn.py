@@ -13,8 +13,7 @@ results, as every pass's does.
 """
 from __future__ import annotations
 
-import time
-from typing import Dict, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,10 +21,10 @@ from torch import nn
 from torchquant import formats
 from torchquant.layouts import TorchquantLayout
 from torchquant.observers import make_observer
-from torchquant.ptq.calibration import find_blocks, linear_layers
-from torchquant.ptq.convert import quantized_layer, set_submodule
-from torchquant.ptq.options import DEFAULT_EXCLUDE, exclude_patterns, is_excluded, layer_rows
-from torchquant.ptq.report import QUANTIZED, LayerReport, LayerResult, PTQReport
+from torchquant.ptq.convert import quantized_layer
+from torchquant.ptq.each_linear import convert_each_linear
+from torchquant.ptq.options import DEFAULT_EXCLUDE
+from torchquant.ptq.report import LayerResult, PTQReport
 from torchquant.spec import QuantSpec
 
 __all__ = ["rtn", "rtn_result"]
@@ -70,35 +69,14 @@ def rtn(model: nn.Module, spec: QuantSpec, *, exclude: Union[str, Sequence[str]]
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     TorchquantLayout(spec)  # refuses widths the kernels do not read, before anything changes
-    patterns = exclude_patterns(exclude)
-    found = find_blocks(model, blocks)
-    prefix, root = found if found is not None else ("", model)
-    inside = linear_layers(root, prefix)
-    selected = [(name, m) for name, m in inside if not is_excluded(name, patterns)]
-    if not selected:
-        raise ValueError(f"every nn.Linear in the blocks is excluded (exclude={patterns!r}): nothing to quantize")
-    if selected[0][0] == "":
-        raise ValueError("the model is itself an nn.Linear, which cannot be replaced in place; wrap it in a module "
-                         "(e.g. nn.Sequential(layer))")
-    if spec.granularity == "group":
-        for name, m in selected:
-            if m.in_features % spec.group_size:
-                raise ValueError(f"layer {name!r}: spec.group_size={spec.group_size} does not divide its "
-                                 f"{m.in_features} input features; pick another group_size or exclude the layer")
 
-    start = time.perf_counter()
-    reports: Dict[str, LayerReport] = {}
-    results: Dict[str, LayerResult] = {}
-    built: Dict[str, nn.Module] = {}
-    for name, linear in selected:
-        t0 = time.perf_counter()
-        results[name] = q = rtn_result(linear.weight, spec)
-        built[name] = quantized_layer(linear, q)
-        reports[name] = LayerReport(name, tuple(linear.weight.shape), QUANTIZED, seconds=time.perf_counter() - t0)
-    outside = {name for name, _ in linear_layers(model)} - {name for name, _ in inside}
-    layers = layer_rows(model, reports, outside, lambda name: is_excluded(name, patterns), "RTN", "quantized")
-    for name, layer in built.items():
-        set_submodule(model, name, layer)
-    return PTQReport("RTN", layers, blocks=prefix if found is not None else None,
-                     num_blocks=len(found[1]) if found is not None else 1, seconds=time.perf_counter() - start,
-                     results=results)
+    def check(name: str, linear: nn.Linear) -> None:
+        if spec.granularity == "group" and linear.in_features % spec.group_size:
+            raise ValueError(f"layer {name!r}: spec.group_size={spec.group_size} does not divide its "
+                             f"{linear.in_features} input features; pick another group_size or exclude the layer")
+
+    def build(name: str, linear: nn.Linear):
+        q = rtn_result(linear.weight, spec)
+        return quantized_layer(linear, q), q
+
+    return convert_each_linear(model, "RTN", build, exclude=exclude, blocks=blocks, check=check)

@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace torchquant {
 
@@ -48,10 +49,22 @@ at::Tensor quantized_linear_grad_input(const at::Tensor& grad_output, const at::
 
 // int8 activations (per-token dynamic grids, or one static float32 [1] input_scale) times
 // 8-bit packed weights (u = q + 128) with float32 per-channel scales [N, 1]; int32
-// accumulation, y = acc * s_x * s_w + bias in x's dtype.
+// accumulation, y = acc * s_x * s_w + bias in x's dtype. outlier_threshold > 0: LLM.int8(),
+// the input columns with |x| >= outlier_threshold in any token multiplied in float.
 at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed,
                        const at::Tensor& scales,
                        const std::optional<at::Tensor>& input_scale = std::nullopt,
-                       const std::optional<at::Tensor>& bias = std::nullopt);
+                       const std::optional<at::Tensor>& bias = std::nullopt,
+                       double outlier_threshold = 0.0);
+
+// Block-wise lookup-table codes (NF4 / FP4): codes uint8 (x's shape) of the level of lut
+// (float32 [L], L <= 256) nearest to each value over its block's absmax, and the absmax
+// float32 [ceil(numel / block_size)] of each block of block_size flattened values.
+std::tuple<at::Tensor, at::Tensor> lut_quantize(const at::Tensor& x, const at::Tensor& lut,
+                                                int64_t block_size);
+
+// float32 lut[codes] * absmax[block]: the values lut_quantize coded.
+at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& lut,
+                          int64_t block_size);
 
 }  // namespace torchquant

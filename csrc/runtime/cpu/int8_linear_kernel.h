@@ -26,6 +26,12 @@ struct W8A8Problem {
   // Null: a dynamic symmetric grid per token (quantize_per_token's). Else the
   // one static activation scale (positive and finite, checked by the caller).
   const float* input_scale;
+  // LLM.int8(): > 0 finds each token's grid over its values with |x| < threshold and
+  // flags (sets to 1) outlier_columns[k] (uint8 [K], zeroed by the caller) for every
+  // column holding a larger one; those columns' codes are zeroed before the product,
+  // which the caller completes in float. 0: no decomposition.
+  float outlier_threshold;
+  uint8_t* outlier_columns;
 };
 
 // Computes y. Returns the number of token rows whose dynamic scale is not

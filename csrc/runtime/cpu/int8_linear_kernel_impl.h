@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <vector>
 
 namespace torchquant::cpu::int8 {
@@ -364,6 +365,25 @@ struct Gemm {
   }
 };
 
+// LLM.int8(): the outlier columns leave the int8 product (the caller adds them
+// in float), so their codes become 0 and leave each token's code sum.
+inline void zero_outlier_codes(const W8A8Problem& p, Code* codes, int64_t kq, int32_t* qsum) {
+  std::vector<int64_t> columns;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (p.outlier_columns[k]) columns.push_back(k);
+  }
+  if (columns.empty()) return;
+  at::parallel_for(0, p.M, 256, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      Code* row = codes + m * kq;
+      for (const int64_t k : columns) {
+        qsum[m] -= static_cast<int32_t>(row[k]);
+        row[k] = Code(0);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 int64_t run(const W8A8Problem& p) {
   const int64_t M = p.M, N = p.N, kw = p.w_row_bytes;
@@ -375,11 +395,19 @@ int64_t run(const W8A8Problem& p) {
   std::vector<float> sx(M);
 
   std::atomic<int64_t> bad{0};
+  std::mutex flags_mutex;
   at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(p.K, 1)),
                    [&](int64_t m0, int64_t m1) {
-                     bad += quantize_rows<scalar_t>(p, m0, m1, codes, kq, qsum.data(), sx.data());
+                     // Each task flags its own outlier columns, merged once at its end.
+                     std::vector<uint8_t> flags(p.outlier_threshold > 0.0f ? p.K : 0, 0);
+                     bad += quantize_rows<scalar_t>(p, m0, m1, codes, kq, qsum.data(), sx.data(),
+                                                    flags.data());
+                     if (flags.empty()) return;
+                     const std::lock_guard<std::mutex> lock(flags_mutex);
+                     for (int64_t k = 0; k < p.K; ++k) p.outlier_columns[k] |= flags[k];
                    });
   if (bad.load() > 0) return bad.load();
+  if (p.outlier_threshold > 0.0f) zero_outlier_codes(p, codes, kq, qsum.data());
 
   const Gemm<scalar_t> g{codes, kq, qsum.data(), sx.data(), p.w, kw, p.w_scales, p.bias,
                          static_cast<scalar_t*>(p.y), M, N};

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -85,11 +86,49 @@ inline int32_t store_codes(const float* x, int64_t n, const QuantGrid<float>& g,
   return sum;
 }
 
+// LLM.int8()'s pass over one row: max |x| over the values below `threshold`
+// (returned), flagging the column of every other value in `flags`; max |x|
+// over all of them (NaN propagating) goes to *all_max, which screens the row.
+inline float inlier_absmax(const float* x, int64_t n, float threshold, uint8_t* flags,
+                           float* all_max) {
+  const VecF tv(threshold);
+  VecF in_max(0.0f), any_max(0.0f);
+  int64_t k = 0;
+  for (; k + VecF::size() <= n; k += VecF::size()) {
+    const VecF a = VecF::loadu(x + k).abs();
+    any_max = at::vec::maximum(any_max, a);
+    const VecF outlier = a >= tv;
+    in_max = at::vec::maximum(in_max, VecF::blendv(a, VecF(0.0f), outlier));
+    // zero_mask: a bit per lane that compares false; all set in the common case.
+    if (outlier.zero_mask() != (1 << VecF::size()) - 1) {
+      for (int j = 0; j < VecF::size(); ++j) {
+        if (std::abs(x[k + j]) >= threshold) flags[k + j] = 1;
+      }
+    }
+  }
+  float in_s = 0.0f, any_s = 0.0f;
+  for (; k < n; ++k) {
+    const float a = std::abs(x[k]);
+    any_s = (std::isnan(a) || a > any_s) ? a : any_s;
+    if (a >= threshold) {
+      flags[k] = 1;
+    } else if (a > in_s) {
+      in_s = a;
+    }
+  }
+  const auto vmax = [](const VecF& a, const VecF& b) { return at::vec::maximum(a, b); };
+  const float any_v = at::vec::vec_reduce_all<float>(vmax, any_max);
+  *all_max = (std::isnan(any_v) || std::isnan(any_s)) ? std::numeric_limits<float>::quiet_NaN()
+                                                     : std::max(any_v, any_s);
+  return std::max(in_s, at::vec::vec_reduce_all<float>(vmax, in_max));
+}
+
 // Quantizes token rows [m0, m1); returns how many have NaN / Inf values
-// (their codes are left zero and y must not be used).
+// (their codes are left zero and y must not be used). With an outlier
+// threshold, flags the outlier columns in `flags` (uint8 [K]).
 template <typename scalar_t>
 int64_t quantize_rows(const W8A8Problem& p, int64_t m0, int64_t m1, Code* codes, int64_t kq,
-                      int32_t* qsum, float* sx) {
+                      int32_t* qsum, float* sx, uint8_t* flags) {
   const int64_t K = p.K;
   std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : K);
   int64_t bad = 0;
@@ -106,12 +145,20 @@ int64_t quantize_rows(const W8A8Problem& p, int64_t m0, int64_t m1, Code* codes,
     std::fill(row + K, row + kq, Code(0));
     // max |x| also screens a static grid's rows: NaN propagates through
     // at::vec::maximum, and Inf / NaN have no code.
-    const float amax = K == 0 ? 0.0f
-                              : at::vec::map_reduce_all<float>(
-                                    [](const VecF& v) { return v.abs(); },
-                                    [](const VecF& a, const VecF& b) { return at::vec::maximum(a, b); },
-                                    xf, K);
-    if (!std::isfinite(amax)) {
+    float all_max = 0.0f, amax = 0.0f;
+    if (p.outlier_threshold > 0.0f) {
+      // Inf is an outlier like any large value; only NaN leaves the row without codes.
+      amax = inlier_absmax(xf, K, p.outlier_threshold, flags, &all_max);
+      all_max = std::isnan(all_max) ? all_max : amax;
+    } else {
+      amax = K == 0 ? 0.0f
+                    : at::vec::map_reduce_all<float>(
+                          [](const VecF& v) { return v.abs(); },
+                          [](const VecF& a, const VecF& b) { return at::vec::maximum(a, b); },
+                          xf, K);
+      all_max = amax;
+    }
+    if (!std::isfinite(all_max)) {
       std::fill(row, row + K, Code(0));
       qsum[m] = 0;
       sx[m] = 0.0f;

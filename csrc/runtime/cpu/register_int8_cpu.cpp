@@ -62,9 +62,10 @@ W8A8Kernel cpu_kernel() {
 
 at::Tensor w8a8_linear_cpu(const at::Tensor& input, const at::Tensor& packed,
                            const at::Tensor& scales, const std::optional<at::Tensor>& input_scale,
-                           const std::optional<at::Tensor>& bias) {
+                           const std::optional<at::Tensor>& bias, double outlier_threshold) {
   // dtype / device / shape checks shared with every backend.
-  const W8A8Args a = check_w8a8_args(kOp, input, packed, scales, input_scale, bias);
+  const W8A8Args a =
+      check_w8a8_args(kOp, input, packed, scales, input_scale, bias, outlier_threshold);
   if (a.input_scale.defined()) {
     // The static scale lives in host memory here: checking its value is free.
     const float v = a.input_scale.const_data_ptr<float>()[0];
@@ -92,10 +93,20 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& input, const at::Tensor& packed,
   p.w_scales = a.scales.const_data_ptr<float>();
   p.bias = a.bias.defined() ? a.bias.const_data_ptr<float>() : nullptr;
   p.input_scale = a.input_scale.defined() ? a.input_scale.const_data_ptr<float>() : nullptr;
+  p.outlier_threshold = a.outlier_threshold;
+  at::Tensor outlier_columns;
+  if (a.outlier_threshold > 0.0f) {
+    outlier_columns = at::zeros({K}, input.options().dtype(at::kByte));
+    p.outlier_columns = outlier_columns.mutable_data_ptr<uint8_t>();
+  }
   const int64_t bad = cpu_kernel()(p);
-  TORCH_CHECK_VALUE(
-      bad == 0, kOp, ": input must be finite, but ", bad, " of its ", M,
-      " rows (tokens) contain NaN or Inf");
+  TORCH_CHECK_VALUE(bad == 0, kOp, ": input must be ",
+                    a.outlier_threshold > 0.0f ? "free of NaN" : "finite", ", but ", bad,
+                    " of its ", M, " rows (tokens) contain ",
+                    a.outlier_threshold > 0.0f ? "NaN" : "NaN or Inf");
+  if (outlier_columns.defined()) {
+    add_outlier_product(a, x.view({M, K}), outlier_columns, y.view({M, N}));
+  }
   return y;
 }
 
