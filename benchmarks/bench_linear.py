@@ -192,6 +192,8 @@ def library_layer(q: Codes) -> nn.Module:
     from torchquant.nn import QuantizedLinear
     from torchquant.quantized_weight import QuantizedWeight as LibraryWeight
     weight = LibraryWeight.from_codes(q.codes, q.scales, q.zeros, q.bits, lut=q.lut)
+    if q.lut is not None and not bool(q.zeros.any()):  # lookup-table codes store no zero grid (as ptq.nf4's)
+        weight = LibraryWeight(weight.packed, weight.scales, None, weight.bits, weight.in_features, lut=weight.lut)
     return QuantizedLinear(weight, activations="int8_per_token" if q.int8_activations else "float")
 
 

@@ -19,6 +19,7 @@ from torchquant import _C  # noqa: F401  (loads the library that registers the o
 from torchquant import layouts, nn, observers, ops, qat
 from torchquant import ptq  # noqa: F401  (post-training quantization: torchquant.ptq.gptq, ...)
 from torchquant import qlora  # noqa: F401  (LoRA adapters over a frozen NF4 base)
+from torchquant import lm  # noqa: F401  (Hugging Face causal LMs: perplexity, generate agreement, speed)
 from torchquant.checkpoint import load_quantized, save_quantized
 from torchquant.ops import fake_quantize, quant_range
 from torchquant.qat import QuantConfig, LayerQuant, convert, parameter_bytes, prepare_qat, qat_report

@@ -21,7 +21,10 @@ it is saved in. A weight ``W [N, K]`` (out_features x in_features) is
 :class:`QuantizedScales`): 8-bit codes on the dynamic map in blocks of 256,
 plus an offset. The weight then holds those codes, and the float32 grid the
 kernels read is formed for each call (``G`` values per row, ``1 / group_size``
-of the weight's).
+of the weight's). Lookup-table codes need no zero-points (their levels are
+centred on 0): ``zeros`` may then be None, and the zero grid is formed per
+call too, so that an NF4 weight holds 4.5 bits per value at blocks of 64, as
+bitsandbytes' does.
 
 Widths 5 to 7 are stored in the 8-bit layout (one byte per code): the
 kernels read 2, 3, 4 and 8 bits (``layout_bits``); ``bits`` stays the width
@@ -144,14 +147,15 @@ class QuantizedWeight:
         packed: uint8 ``[N, packed_row_bytes(in_features, bits)]``.
         scales: float32 ``[N, G]``, ``G`` dividing ``in_features``, or their
             8-bit form (:class:`QuantizedScales`).
-        zeros: float32 ``[N, G]``, zero-points in the unsigned code domain.
+        zeros: float32 ``[N, G]``, zero-points in the unsigned code domain;
+            None (all zero) for lookup-table codes.
         bits: width of the codes, 2 to 8.
         in_features: ``K``.
         lut: float32 ``[16]``, the value of each 4-bit code (4 bits only), or None.
         perm: int64 ``[K]``, the original column of each packed column, or None.
     """
 
-    def __init__(self, packed: Tensor, scales: Union[Tensor, QuantizedScales], zeros: Tensor, bits: int,
+    def __init__(self, packed: Tensor, scales: Union[Tensor, QuantizedScales], zeros: Optional[Tensor], bits: int,
                  in_features: int, *, lut: Optional[Tensor] = None, perm: Optional[Tensor] = None) -> None:
         lbits = layout_bits(bits)
         if not _is_int(in_features) or in_features <= 0:
@@ -178,7 +182,12 @@ class QuantizedWeight:
                                  f"{device}; every tensor of a weight must be on one device")
         else:
             _check_tensor(scales, "scales", torch.float32, (out_features, groups), device)
-        _check_tensor(zeros, "zeros", torch.float32, (out_features, groups), device)
+        if zeros is None:
+            if lut is None:
+                raise ValueError("QuantizedWeight: zeros may be None only for lookup-table codes (lut given); "
+                                 "integer codes need their zero-points")
+        else:
+            _check_tensor(zeros, "zeros", torch.float32, (out_features, groups), device)
         if lut is not None:
             if lbits != 4:
                 raise ValueError(f"QuantizedWeight: a lookup table (lut) holds the levels of 4-bit codes; got "
@@ -186,10 +195,19 @@ class QuantizedWeight:
             _check_tensor(lut, "lut", torch.float32, (_LUT_LEVELS,), device)
         if perm is not None:
             _check_tensor(perm, "perm", torch.int64, (in_features,), device)
-        self.packed, self.zeros, self.lut, self.perm = packed, zeros, lut, perm
+        self.packed, self.lut, self.perm = packed, lut, perm
+        self.stored_zeros = zeros
+        self._groups = groups
         self.quantized_scales = quantized_scales
         self._scales = None if quantized_scales is not None else scales
         self.bits, self.in_features = bits, in_features
+
+    @property
+    def zeros(self) -> Tensor:
+        """float32 ``[N, G]``, the zero grid the kernels read (formed, all zero, when none is stored)."""
+        if self.stored_zeros is not None:
+            return self.stored_zeros
+        return torch.zeros(self.out_features, self._groups, device=self.device)
 
     @property
     def scales(self) -> Tensor:
@@ -260,15 +278,16 @@ class QuantizedWeight:
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, bits: int, groups: int = 1, *,
-              lookup_table: bool = False, device=None) -> "QuantizedWeight":
+              lookup_table: bool = False, zero_points: bool = True, device=None) -> "QuantizedWeight":
         """A weight of zero codes (scales 1, zeros 0) of the right shapes, to be filled by a state dict.
 
-        Zero codes pack to zero bytes in every width of the layout.
+        Zero codes pack to zero bytes in every width of the layout. ``zero_points=False``
+        (lookup-table codes only) stores no zero grid.
         """
         lut = torch.zeros(_LUT_LEVELS, device=device) if lookup_table else None
+        zeros = torch.zeros(out_features, groups, device=device) if zero_points else None
         return cls(torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8, device=device),
-                   torch.ones(out_features, groups, device=device), torch.zeros(out_features, groups, device=device),
-                   bits, in_features, lut=lut)
+                   torch.ones(out_features, groups, device=device), zeros, bits, in_features, lut=lut)
 
     # ---- shape and size ------------------------------------------------------------------------
 
@@ -283,7 +302,7 @@ class QuantizedWeight:
 
     @property
     def num_groups(self) -> int:
-        return self.zeros.shape[1]
+        return self._groups
 
     @property
     def group_size(self) -> int:
@@ -302,7 +321,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor: the packed codes plus the grids (and the table and permutation, if any)."""
-        stored = (self.packed, self._scales, self.zeros, self.lut, self.perm) + \
+        stored = (self.packed, self._scales, self.stored_zeros, self.lut, self.perm) + \
             (self.quantized_scales.tensors() if self.quantized_scales is not None else ())
         return sum(t.numel() * t.element_size() for t in stored if t is not None)
 
@@ -311,7 +330,7 @@ class QuantizedWeight:
         def move(t):
             return None if t is None else t.to(device)
         scales = self.quantized_scales.to(device) if self.quantized_scales is not None else move(self._scales)
-        return QuantizedWeight(move(self.packed), scales, move(self.zeros), self.bits, self.in_features,
+        return QuantizedWeight(move(self.packed), scales, move(self.stored_zeros), self.bits, self.in_features,
                                lut=move(self.lut), perm=move(self.perm))
 
     # ---- back to the code domain (exact inverses of from_codes) -------------------------------

@@ -202,6 +202,7 @@ __global__ void __launch_bounds__(256)
   for (int64_t row = blockIdx.x; row < m; row += gridDim.x) {
     const scalar_t* xr = x + row * k;
     if (threadIdx.x == 0) any_nan = 0;
+    __syncthreads();  // the reset lands before any thread of this row can set it
     float a = 0.0f;
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
       const float v = fabsf(static_cast<float>(xr[j]));

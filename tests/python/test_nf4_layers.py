@@ -44,18 +44,18 @@ def test_weight_error_is_the_nf4_error():
 
 
 def test_resident_bytes_are_packed_bytes():
-    """4 bits per weight, a float32 absmax per block of 64 (0.5 bit; 0.127 with double quantization) and the
-    kernels' float32 zero grid (0.5 bit, all zero for lookup-table codes): the layer holds these and nothing else."""
+    """4 bits per weight and a float32 absmax per block of 64 (0.5 bit; 0.127 with double quantization): the
+    layer holds these and nothing else (no float weight, no zero grid)."""
     weight = torch.randn(512, 1024)
     plain = lookup_table_weight(weight, "nf4", 64)
     dq = lookup_table_weight(weight, "nf4", 64, double_quant=True)
     n = weight.numel()
-    assert plain.nbytes * 8 / n == pytest.approx(4.0 + 0.5 + 0.5, abs=0.01)
-    assert dq.nbytes * 8 / n == pytest.approx(4.0 + 0.127 + 0.5, abs=0.02)  # + the 1 KiB map
+    assert plain.nbytes * 8 / n == pytest.approx(4.5, abs=0.001)
+    assert dq.nbytes * 8 / n == pytest.approx(4.127, abs=0.02)  # + the 1 KiB map
     layer = QuantizedLinear(dq)
     buffers = sum(b.numel() * b.element_size() for b in layer.buffers())
     assert buffers == dq.nbytes  # no float scales, no float weight
-    assert layer.group_scales is None and layer.scale_codes.dtype == torch.uint8
+    assert layer.group_scales is None and layer.group_zeros is None and layer.scale_codes.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

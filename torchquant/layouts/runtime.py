@@ -5,7 +5,7 @@ instance) and for loading without repacking. The state dict holds
 
 * ``packed``: uint8 ``[out, packed_row_bytes(in, bits)]``;
 * ``scales``, ``zeros``: float32 ``[out, groups]`` (zeros in the unsigned
-  code domain);
+  code domain; absent for lookup-table codes stored without zero-points);
 * ``lut``: float32 ``[16]``, for lookup-table codes only;
 * with double-quantized scales, ``scale_codes`` uint8 ``[out, groups]``,
   ``scale_absmax`` float32, ``scale_offset`` float32 ``[1]`` and
@@ -34,13 +34,14 @@ class RuntimeLayout(CheckpointLayout):
 
     ``lookup_table`` and ``act_order`` say whether ``lut`` and ``perm`` are
     part of the state (they must be there when loading); ``double_quant``
-    (with ``scale_block_size``) that the scales are stored in 8 bits.
+    (with ``scale_block_size``) that the scales are stored in 8 bits;
+    ``zero_points=False`` (lookup-table codes only) that no zero grid is.
     """
 
     name = "runtime"
 
     def __init__(self, bits: int, groups: int = 1, *, lookup_table: bool = False, act_order: bool = False,
-                 double_quant: bool = False, scale_block_size: int = 256) -> None:
+                 double_quant: bool = False, scale_block_size: int = 256, zero_points: bool = True) -> None:
         layout_bits(bits)
         if not is_int(groups) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
@@ -49,6 +50,9 @@ class RuntimeLayout(CheckpointLayout):
         self.bits, self.groups = bits, groups
         self.lookup_table, self.act_order = bool(lookup_table), bool(act_order)
         self.double_quant = bool(double_quant)
+        self.zero_points = bool(zero_points)
+        if not self.zero_points and not self.lookup_table:
+            raise ValueError("zero_points=False needs lookup_table=True: integer codes need their zero-points")
         self.scale_block_size = scale_block_size if self.double_quant else 256
 
     @classmethod
@@ -57,11 +61,13 @@ class RuntimeLayout(CheckpointLayout):
         dq = weight.quantized_scales
         return cls(weight.bits, weight.num_groups, lookup_table=weight.lut is not None,
                    act_order=weight.perm is not None, double_quant=dq is not None,
-                   scale_block_size=dq.block_size if dq is not None else 256)
+                   scale_block_size=dq.block_size if dq is not None else 256,
+                   zero_points=weight.stored_zeros is not None)
 
     def state_keys(self) -> Tuple[str, ...]:
         scales = _SCALE_KEYS if self.double_quant else ("scales",)
-        return ("packed",) + scales + ("zeros",) + (("lut",) if self.lookup_table else ()) + \
+        return ("packed",) + scales + (("zeros",) if self.zero_points else ()) + \
+            (("lut",) if self.lookup_table else ()) + \
             (("perm",) if self.act_order else ())
 
     def check_weight(self, weight: QuantizedWeight) -> None:
@@ -74,7 +80,8 @@ class RuntimeLayout(CheckpointLayout):
             state.update(zip(_SCALE_KEYS, (t.clone() for t in weight.quantized_scales.tensors())))
         else:
             state["scales"] = weight.scales.clone()
-        state["zeros"] = weight.zeros.clone()
+        if self.zero_points:
+            state["zeros"] = weight.zeros.clone()
         if self.lookup_table:
             state["lut"] = weight.lut.clone()
         if self.act_order:
@@ -85,7 +92,7 @@ class RuntimeLayout(CheckpointLayout):
                    where: str = "") -> QuantizedWeight:
         p = prefixed(where)
         check_devices(dict(tensors), "packed", p)
-        for key in ("scale_codes" if self.double_quant else "scales", "zeros"):
+        for key in ("scale_codes" if self.double_quant else "scales",) + (("zeros",) if self.zero_points else ()):
             if tensors[key].shape != (out_features, self.groups):
                 raise ValueError(f"{p}{key} must have shape {[out_features, self.groups]}, got "
                                  f"{list(tensors[key].shape)}")
@@ -96,7 +103,8 @@ class RuntimeLayout(CheckpointLayout):
         try:
             scales = QuantizedScales(*(tensors[k] for k in _SCALE_KEYS), block_size=self.scale_block_size) \
                 if self.double_quant else tensors["scales"]
-            weight = QuantizedWeight(tensors["packed"], scales, tensors["zeros"], self.bits, in_features,
+            weight = QuantizedWeight(tensors["packed"], scales, tensors["zeros"] if self.zero_points else None,
+                                     self.bits, in_features,
                                      lut=tensors.get("lut") if self.lookup_table else None, perm=perm)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{p.rstrip('.') or 'weight'}: {error}") from None
@@ -106,12 +114,12 @@ class RuntimeLayout(CheckpointLayout):
 
     def empty_weight(self, in_features: int, out_features: int, device=None) -> QuantizedWeight:
         weight = QuantizedWeight.empty(out_features, in_features, self.bits, self.groups,
-                                       lookup_table=self.lookup_table, device=device)
+                                       lookup_table=self.lookup_table, zero_points=self.zero_points, device=device)
         if self.act_order:
             weight.perm = torch.arange(in_features, device=device)
         if self.double_quant:
             weight = QuantizedWeight(weight.packed, QuantizedScales.quantize(weight.scales, self.scale_block_size),
-                                     weight.zeros, weight.bits, in_features, lut=weight.lut, perm=weight.perm)
+                                     weight.stored_zeros, weight.bits, in_features, lut=weight.lut, perm=weight.perm)
         return weight
 
     def config(self) -> Dict[str, Any]:
@@ -119,6 +127,8 @@ class RuntimeLayout(CheckpointLayout):
                   "act_order": self.act_order}
         if self.double_quant:
             config.update(double_quant=True, scale_block_size=self.scale_block_size)
+        if not self.zero_points:
+            config["zero_points"] = False
         return config
 
     def weight_spec(self, in_features: int) -> QuantSpec:

@@ -171,12 +171,14 @@ class QuantizedLinear(QuantizedModule):
         if self.activations != "float":
             check_int8_weight(weight, f"{type(self).__name__}: activations={self.activations!r} (W8A8)")
         dq = weight.quantized_scales
-        tensors = (weight.packed, None if dq is not None else weight.scales, weight.zeros, weight.lut, weight.perm)
+        tensors = (weight.packed, None if dq is not None else weight.scales, weight.stored_zeros, weight.lut,
+                   weight.perm)
         for name, t in zip(_WEIGHT_BUFFERS, tensors):
             self._set_optional_buffer(name, t, persistent=False)
         for name, t in zip(_SCALE_BUFFERS, dq.tensors() if dq is not None else (None,) * len(_SCALE_BUFFERS)):
             self._set_optional_buffer(name, t, persistent=False)
         self.scale_block_size = dq.block_size if dq is not None else None
+        self.num_groups = weight.num_groups
         self.bits, self.in_features, self.out_features = weight.bits, weight.in_features, weight.out_features
         self.packed_bits = weight.layout_bits
 
@@ -208,7 +210,11 @@ class QuantizedLinear(QuantizedModule):
     @property
     def group_size(self) -> int:
         """Consecutive input columns per grid (``in_features`` for one grid per row)."""
-        return self.in_features // self.group_zeros.shape[1]
+        return self.in_features // self.num_groups
+
+    def _grid_zeros(self, scales: Tensor) -> Tensor:
+        """The float32 zero grid ``[N, G]`` the kernels read: the buffer, or zeros (lookup-table codes)."""
+        return self.group_zeros if self.group_zeros is not None else torch.zeros_like(scales)
 
     def _grid_scales(self) -> Tensor:
         """The float32 scales ``[N, G]`` the kernels read: the buffer, or formed from the 8-bit form."""
@@ -246,7 +252,8 @@ class QuantizedLinear(QuantizedModule):
             # One rounding of the quotient, in the wider of the two dtypes, back to the input's dtype.
             x = (x / self.input_scale).to(x.dtype)
         if self.activations == "float":
-            y = ops.quantized_linear(x, self.packed_weight, self._grid_scales(), self.group_zeros, self.packed_bits,
+            scales = self._grid_scales()
+            y = ops.quantized_linear(x, self.packed_weight, scales, self._grid_zeros(scales), self.packed_bits,
                                      self.in_features, lut=self.code_table, perm=self.column_perm, bias=self.bias)
         elif self.activations == "llm_int8":
             y = ops.w8a8_linear(x, self.packed_weight, self.group_scales, bias=self.bias,

@@ -69,7 +69,8 @@ def lookup_table_weight(weight: Tensor, dtype: str = "nf4", block_size: int = DE
     groups = in_features // block_size
     absmax = absmax.view(out_features, groups)
     scales = QuantizedScales.quantize(absmax, SCALE_BLOCK_SIZE) if double_quant else absmax
-    return QuantizedWeight(ops.pack_weight(codes, 4), scales, torch.zeros_like(absmax), 4, in_features, lut=lut)
+    # No zero grid: the levels are centred on 0 (the kernels get zeros formed per call).
+    return QuantizedWeight(ops.pack_weight(codes, 4), scales, None, 4, in_features, lut=lut)
 
 
 def nf4(model: nn.Module, *, dtype: str = "nf4", block_size: int = DEFAULT_BLOCK_SIZE, double_quant: bool = False,
