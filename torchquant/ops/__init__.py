@@ -38,3 +38,8 @@ __all__ += ["w8a8_linear"]
 from .lut import lut_dequantize, lut_quantize
 
 __all__ += ["lut_dequantize", "lut_quantize"]
+
+# Rows on their own asymmetric grid (the quantized KV cache).
+from .rows import quantize_rows
+
+__all__ += ["quantize_rows"]

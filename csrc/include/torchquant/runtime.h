@@ -67,4 +67,8 @@ std::tuple<at::Tensor, at::Tensor> lut_quantize(const at::Tensor& x, const at::T
 at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& lut,
                           int64_t block_size);
 
+// Each row of x [R, K] on its own asymmetric min/max grid of bits in {2, 4, 8}: packed uint8
+// [R, packed_row_bytes(K, bits)] and float32 scales / zeros [R, 1] (dequantize_weight reads them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t bits);
+
 }  // namespace torchquant
