@@ -54,3 +54,8 @@ from torchquant.ptq.llm_int8 import llm_int8
 from torchquant.ptq.lookup_table import lookup_table_weight, nf4
 
 __all__ += ["llm_int8", "lookup_table_weight", "nf4"]
+
+# Mixed precision: a bit width per layer from its sensitivity, under a size budget.
+from torchquant.ptq.allocate import BitPlan, allocate_bits, layer_sensitivity, quantize_mixed
+
+__all__ += ["BitPlan", "allocate_bits", "layer_sensitivity", "quantize_mixed"]
