@@ -93,8 +93,14 @@ def test_budget_below_the_smallest_model_and_other_errors():
 def test_quantize_mixed_applies_the_plan_with_any_method():
     model = Net()
     plan = {"layers.0.up": 4, "layers.0.down": 8, "layers.1.up": 2, "layers.1.down": 4}
-    quantize_mixed(model, plan, lambda spec, exclude: torchquant.ptq.gptq(model, batches(), spec, exclude=exclude,
-                                                                           blocks="layers", progress=False))
+
+    def run_gptq(spec, exclude):
+        report = torchquant.ptq.gptq(model, batches(), spec, exclude=exclude, blocks="layers", progress=False)
+        torchquant.ptq.to_quantized_modules(model, report)  # packed layers of this width
+        return report
+
+    reports = quantize_mixed(model, plan, run_gptq)
+    assert [r.results[next(iter(r.results))].bits for r in reports] == [8, 4, 2]
     for name, bits in plan.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, QuantizedLinear) and layer.bits == bits, name

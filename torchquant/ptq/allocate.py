@@ -3,8 +3,11 @@
 >>> sens = torchquant.ptq.layer_sensitivity(model, batches, loss_fn, bits=(2, 3, 4, 8))        # measured
 >>> sens = torchquant.ptq.layer_sensitivity(model, batches, bits=(2, 3, 4, 8), proxy="hessian")  # one pass
 >>> plan = torchquant.ptq.allocate_bits(sens, average_bits=4.5)
->>> torchquant.ptq.quantize_mixed(model, plan, lambda spec, names: torchquant.ptq.gptq(model, batches, spec,
-...                                    exclude=names))
+>>> def run_gptq(spec, exclude):
+...     report = torchquant.ptq.gptq(model, batches, spec, exclude=exclude)
+...     torchquant.ptq.to_quantized_modules(model, report)
+...     return report
+>>> torchquant.ptq.quantize_mixed(model, plan, run_gptq)
 
 Sensitivity of a layer at ``b`` bits is what quantizing that layer alone
 costs:
