@@ -602,6 +602,23 @@ def _block_output_hidden(out: Any, index: int) -> Tensor:
 
 
 @torch.no_grad()
+def _check_something_selected(model: nn.Module, found, pass_: BlockwisePass) -> None:
+    """A pass that would quantize no layer is an error, not a silent no-op (a report of '0 of N')."""
+    if found is None:
+        candidates = linear_layers(model)
+    else:
+        path, block_list = found
+        candidates = [pair for i, block in enumerate(block_list) for pair in linear_layers(block, f"{path}.{i}")]
+    if any(pass_.select(name, m) for name, m in candidates):
+        return
+    total = len(linear_layers(model))
+    where = f"inside the blocks {found[0]!r}" if found is not None else "in the model"
+    raise ValueError(f"nothing to quantize: no nn.Linear layer {where} is selected ({len(candidates)} found there, "
+                     f"{total} in the whole model; the others are excluded or outside the blocks). Models whose "
+                     "projections are not nn.Linear (GPT-2's Conv1D) need torchquant.lm.conv1d_to_linear(model) "
+                     "first; or check exclude= and blocks=")
+
+
 def calibrate_blocks(model: nn.Module, calibration_batches: Iterable, pass_: BlockwisePass, *,
                      blocks: Optional[str] = None, device: Device = None, sequential: bool = True,
                      token_mask: TokenMask = "auto", progress: bool = True,
@@ -648,6 +665,7 @@ def calibrate_blocks(model: nn.Module, calibration_batches: Iterable, pass_: Blo
         raise TypeError(f"pass_ must be a BlockwisePass, got {type(pass_).__name__}")
     target = torch.device(device) if device is not None else _model_device(model)
     found = find_blocks(model, blocks)
+    _check_something_selected(model, found, pass_)
     batches = prepare_batches(calibration_batches, target, token_mask)
     tokens = _RealTokens()
 
