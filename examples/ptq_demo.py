@@ -13,7 +13,10 @@ input columns, asymmetric min/max grids, by
   (``torchquant.ptq.awq_then_gptq``), see ``ptq_methods_awq.py``;
 * W8A8 (int8 weights per channel, static int8 activations per tensor)
   without smoothing and after SmoothQuant at alpha 0.5 and at a searched
-  alpha, see ``ptq_methods_smoothquant.py``.
+  alpha, see ``ptq_methods_smoothquant.py``;
+* LLM.int8() (threshold 6) and NF4 (blocks of 64, with and without double
+  quantization), no calibration, see ``ptq_methods_llm_int8.py``, which also
+  prints the share of input columns LLM.int8() sends through its float path.
 Each quantized model embeds 256 held-out sentences of the Debian license
 texts; the table shows the cosine similarity of each embedding to the fp32
 model's (mean and worst sentence) and how often each sentence's nearest
@@ -46,6 +49,7 @@ from torchquant.nn import GPTQLinear
 
 import minilm_qat
 import ptq_methods_awq
+import ptq_methods_llm_int8
 import ptq_methods_smoothquant
 import runtime_speed
 from minilm import cosine_table, demo_inputs, embed, encoder_linears, load_minilm, markdown_table
@@ -142,17 +146,24 @@ def main() -> int:
     methods[row_name("AWQ", 4)] = ptq_methods_awq.awq(weight_spec(4), batches)
     methods[row_name("AWQ+GPTQ", 4)] = ptq_methods_awq.awq_then_gptq(weight_spec(4), batches)
     methods.update(ptq_methods_smoothquant.smoothquant_methods(batches))
+    methods.update(ptq_methods_llm_int8.methods())
     methods[row_name("QAT", 4)] = minilm_qat.qat_w4(batches)
 
-    costs = {}
+    costs, outliers = {}, {}
 
     def measure(name, quantized):
         costs[name] = runtime_speed.runtime_cost(quantized, tokenizer, heldout)
+        if name.startswith("LLM.int8()"):
+            outliers.update(ptq_methods_llm_int8.outlier_share(quantized, tokenizer, heldout))
 
     rows = cosine_table(methods, model, tokenizer, heldout, inspect=measure)
     print(markdown_table(rows))
     print("\nRun-time cost of each model as converted (packed layers, no float weight copies):\n")
     print(runtime_speed.cost_table(costs))
+    if outliers:
+        print("\nShare of input columns in LLM.int8()'s float path (|x| >= 6 in a token of the batch), mean "
+              "over batches of 64 held-out sentences:\n")
+        print(ptq_methods_llm_int8.outlier_table(outliers))
     failures = sanity_failures(rows) + ptq_methods_smoothquant.sanity_failures(rows)
     if w4:
         line, exact = checkpoint_round_trip(w4["model"], w4["report"], tokenizer, heldout)
