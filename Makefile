@@ -84,6 +84,7 @@ cpp: $(CMAKE_BUILD_DIR)/CMakeCache.txt
 demo: extension
 	$(PY) examples/qat_demo.py
 	$(PY) examples/ptq_demo.py
+	$(PY) examples/qlora_demo.py
 
 bench: extension
 	$(PY) benchmarks/bench_fake_quant.py
