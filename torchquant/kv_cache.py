@@ -15,8 +15,10 @@ tokens, which attention weighs most, stay exact):
 Each is an asymmetric min/max grid of 2, 4 or 8 bits, quantized and packed by
 the C++ op :func:`torchquant.ops.quantize_rows` and read back by
 :func:`torchquant.ops.dequantize_weight` (CPU and CUDA kernels); the cache
-holds the packed codes and one float32 scale and zero-point per channel-group
-(keys) or token (values). At each step attention gets the dequantized cache
+holds the packed codes and one float16 scale and zero-point per
+channel-group (keys) or token (values): 0.5 bit per value at groups of 64
+(zero-points are integers, exact in float16; a scale rounds by at most
+2^-11 of itself, far below the grid's step). At each step attention gets the dequantized cache
 followed by the full-precision tokens, as transformers' own ``QuantizedCache``
 does.
 """
@@ -57,6 +59,7 @@ class _Packed:
         self.packed = self.scales = self.zeros = None
 
     def append(self, packed: Tensor, scales: Tensor, zeros: Tensor, dim: int) -> None:
+        scales, zeros = scales.half(), zeros.half()
         if self.packed is None:
             self.packed, self.scales, self.zeros = packed, scales, zeros
         else:
@@ -83,7 +86,7 @@ class QuantizedKVLayer(DynamicLayer):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, bits: int = 4, residual_length: int = 128, group_size: int = 32) -> None:
+    def __init__(self, bits: int = 4, residual_length: int = 128, group_size: int = 64) -> None:
         _check_settings(bits, residual_length, group_size)
         super().__init__()
         self.bits, self.residual_length, self.group_size = bits, residual_length, group_size
@@ -131,8 +134,8 @@ class QuantizedKVLayer(DynamicLayer):
         p = self._keys
         b, h, rows, nbytes = p.packed.shape
         d, g = self.keys.shape[-1], self.group_size
-        w = ops.dequantize_weight(p.packed.reshape(-1, nbytes), p.scales.reshape(-1, 1), p.zeros.reshape(-1, 1),
-                                  self.bits, g)
+        w = ops.dequantize_weight(p.packed.reshape(-1, nbytes), p.scales.reshape(-1, 1).float(),
+                                  p.zeros.reshape(-1, 1).float(), self.bits, g)
         return w.view(b, h, rows // d, d, g).transpose(-1, -2).reshape(b, h, -1, d)
 
     def _values_float(self) -> Optional[Tensor]:
@@ -141,8 +144,8 @@ class QuantizedKVLayer(DynamicLayer):
         p = self._values
         b, h, tokens, nbytes = p.packed.shape
         d = self.values.shape[-1]
-        w = ops.dequantize_weight(p.packed.reshape(-1, nbytes), p.scales.reshape(-1, 1), p.zeros.reshape(-1, 1),
-                                  self.bits, d)
+        w = ops.dequantize_weight(p.packed.reshape(-1, nbytes), p.scales.reshape(-1, 1).float(),
+                                  p.zeros.reshape(-1, 1).float(), self.bits, d)
         return w.view(b, h, tokens, d)
 
     def get_seq_length(self) -> int:
@@ -203,10 +206,12 @@ class QuantizedKVCache(Cache):
         config: the model's config (``model.config``).
         bits: 2, 4 or 8.
         residual_length: newest tokens kept in full precision (KIVI's R), >= 0.
-        group_size: tokens per key grid (KIVI's G); tokens are packed a group at a time.
+        group_size: tokens per key grid (KIVI's G); tokens are packed a group at a time. 64 by
+            default: a 2-bit row of the packed layout holds 64 codes, and each grid's
+            scale and zero-point cost 0.5 bit per value at 64.
     """
 
-    def __init__(self, config, bits: int = 4, residual_length: int = 128, group_size: int = 32) -> None:
+    def __init__(self, config, bits: int = 4, residual_length: int = 128, group_size: int = 64) -> None:
         _check_settings(bits, residual_length, group_size)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layers = getattr(text, "num_hidden_layers", None)
